@@ -1,0 +1,35 @@
+"""fedbus.bus: typed MessagePack events over NATS, MQTT and in-memory transports."""
+
+from .client import Bus, Delivery, EventSubscription, Security
+from .codec import Codec, Envelope, Limits, new_id
+from .events import CATALOGUE, Catalogue, Event, EventSpec, Params, Scalar, event
+from .memory import MemoryBroker, MemoryTransport
+from .signing import AgentKey, KeyRing, ReplayGuard
+from .transport import Capabilities, Frame, Subscription, Transport
+
+__all__ = [
+    "CATALOGUE",
+    "AgentKey",
+    "Bus",
+    "Capabilities",
+    "Catalogue",
+    "Codec",
+    "Delivery",
+    "Envelope",
+    "Event",
+    "EventSpec",
+    "EventSubscription",
+    "Frame",
+    "KeyRing",
+    "Limits",
+    "MemoryBroker",
+    "MemoryTransport",
+    "Params",
+    "ReplayGuard",
+    "Scalar",
+    "Security",
+    "Subscription",
+    "Transport",
+    "event",
+    "new_id",
+]

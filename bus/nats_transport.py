@@ -1,0 +1,212 @@
+"""Core NATS transport (nats-py): at-most-once pub/sub, queue groups, native request/reply.
+
+Reconnects forever with jittered backoff; publishes made while the broker is away are buffered (up to
+``reconnect_buffer_bytes``) and sent on reconnect. Every nats-py error is translated into the fedbus error tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from . import subjects
+from .errors import (
+    ClosedError,
+    ConnectError,
+    FrameTooLarge,
+    NoResponders,
+    PublishTimeout,
+    RequestTimeout,
+    SubjectError,
+    map_exceptions,
+)
+from .transport import Capabilities, Frame, Subscription
+
+__all__ = ["NatsTransport"]
+
+log = structlog.get_logger("fedbus.bus.nats")
+
+_ERRORS: dict[type[BaseException], type[Exception]] = {
+    nats.errors.ConnectionClosedError: ClosedError,
+    nats.errors.ConnectionDrainingError: ClosedError,
+    nats.errors.NoServersError: ConnectError,
+    nats.errors.OutboundBufferLimitError: PublishTimeout,
+    nats.errors.FlushTimeoutError: PublishTimeout,
+    nats.errors.TimeoutError: PublishTimeout,
+    OSError: ConnectError,
+}
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, pattern: str, queue: str | None, max_pending: int) -> None:
+        super().__init__(pattern, queue=queue, max_pending=max_pending)
+        self.nats_sub: NatsSubscription | None = None
+
+    async def unsubscribe(self) -> None:
+        nats_sub, self.nats_sub = self.nats_sub, None
+        if nats_sub is not None:
+            try:
+                await nats_sub.unsubscribe()
+            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+                pass  # already gone with the connection
+        self.end()
+
+
+class NatsTransport:
+    """A connection to one NATS server or cluster (``url`` may list several, comma-separated)."""
+
+    name = "nats"
+    capabilities = Capabilities(queue_groups=True, native_reply=True)
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        client_name: str = "fedbus",
+        connect_timeout: float = 5.0,
+        reconnect_wait: float = 0.5,
+        max_reconnect_attempts: int = -1,
+        reconnect_buffer_bytes: int = 64 * 1024 * 1024,
+        initial_attempts: int = 3,
+    ) -> None:
+        self.url = url
+        self.client_name = client_name
+        self._servers = [u.strip() for u in url.split(",") if u.strip()]
+        self._options: dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": reconnect_wait,
+            "max_reconnect_attempts": max_reconnect_attempts,
+            "pending_size": reconnect_buffer_bytes,
+        }
+        self._initial_attempts = initial_attempts
+        self._nc: NatsClient | None = None
+        self._subs: list[_NatsSubscription] = []
+        self._closed = False
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+
+    @property
+    def nc(self) -> NatsClient:
+        """The nats-py client, for the JetStream layer in this package. Agents never touch it."""
+        if self._nc is None or self._closed:
+            raise ClosedError(f"{self.url} is {'closed' if self._closed else 'not connected'}")
+        return self._nc
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise ClosedError("transport is closed")
+        if self._nc is not None:
+            return
+        last: Exception | None = None
+        for attempt in range(self._initial_attempts):
+            try:
+                self._nc = await nats.connect(
+                    servers=self._servers, name=self.client_name, allow_reconnect=True,
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect, **self._options,
+                )
+                self.connected.set()
+                return
+            except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+        raise ConnectError(f"cannot reach NATS: {last}", url=self.url) from last
+
+    # nats-py calls these; they must never raise (a raising callback stops reconnection, nats.py #204).
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            log.warning("slow consumer", subject=getattr(exc, "subject", None))
+        else:
+            log.warning("nats error", error=f"{type(exc).__name__}: {exc}", url=self.url)
+
+    async def _on_disconnect(self) -> None:
+        self.connected.clear()
+        if not self._closed:
+            log.warning("disconnected; buffering publishes until reconnect", url=self.url)
+
+    async def _on_reconnect(self) -> None:
+        self.reconnects += 1
+        self.connected.set()
+        log.info("reconnected", url=self._nc.connected_url.netloc if self._nc and self._nc.connected_url
+                 else self.url, reconnects=self.reconnects)
+
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        subjects.validate_subject(subject)
+        nc = self.nc
+        if len(data) > nc.max_payload:
+            raise FrameTooLarge(len(data), nc.max_payload, subject=subject)
+        with map_exceptions(_ERRORS):
+            await nc.publish(subject, data, reply=reply or "")
+
+    async def subscribe(
+        self, pattern: str, *, queue: str | None = None, max_pending: int = 1024
+    ) -> Subscription:
+        subjects.validate_pattern(pattern)
+        if queue is not None:
+            subjects.validate_token(queue, what="queue group")
+        sub = _NatsSubscription(pattern, queue, max_pending)
+
+        async def on_msg(msg: Msg) -> None:
+            sub.deliver(Frame(msg.subject, msg.data, msg.reply or None))
+
+        with map_exceptions(_ERRORS):
+            sub.nats_sub = await self.nc.subscribe(
+                pattern, queue=queue or "", cb=on_msg, pending_msgs_limit=max(max_pending, 1024) * 4,
+            )
+            # Once subscribe returns, the server knows the interest: a publish from any client now arrives.
+            await self.nc.flush()
+        self._subs.append(sub)
+        return sub
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> Frame:
+        subjects.validate_subject(subject)
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(subject) from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(subject, timeout) from None
+        except nats.errors.BadSubjectError as exc:
+            raise SubjectError(str(exc), subject=subject) from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
+            raise ClosedError(str(exc)) from None
+        return Frame(msg.subject, msg.data, None)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        with map_exceptions(_ERRORS):
+            await self.nc.flush(timeout=timeout)
+
+    async def close(self) -> None:
+        """Drain (deliver what the server already sent us, flush what we published), then disconnect."""
+        if self._closed:
+            return
+        nc, self._nc = self._nc, None
+        self._closed = True
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), timeout=5.0)
+            except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                log.warning("drain incomplete; closing", error=str(exc))
+            finally:
+                if not nc.is_closed:
+                    await nc.close()
+        for sub in self._subs:
+            sub.end()
+        self._subs.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,170 @@
+"""The one interface every transport implements: it moves bytes, never events.
+
+Implementations: :class:`~fedbus.bus.memory.MemoryTransport` (one process, tests and simulation),
+:class:`~fedbus.bus.nats.NatsTransport` (cloud, core NATS) and :class:`~fedbus.bus.mqtt.MqttTransport`
+(edge devices; Mosquitto or nats-server's MQTT listener). ``tests/test_transport_contract.py`` runs one suite
+against all of them on real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+import structlog
+
+from .errors import ClosedError
+
+__all__ = ["Capabilities", "Frame", "Subscription", "Transport"]
+
+log = structlog.get_logger("fedbus.bus")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Bytes received on a subject; ``reply`` is the transport-level reply subject, if any."""
+
+    subject: str
+    data: bytes
+    reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Capabilities:
+    """What a transport can do beyond publish/subscribe."""
+
+    queue_groups: bool = True
+    native_reply: bool = True
+    """Replies travel on a transport-level reply subject (NATS). Otherwise the envelope's ``reply`` is used."""
+
+
+_CLOSED = object()
+
+
+class Subscription:
+    """A bounded stream of frames for one pattern. Iterate with ``async for``; close with :meth:`unsubscribe`.
+
+    A subscriber that falls ``max_pending`` frames behind is a *slow consumer*: further frames are dropped
+    (core delivery is at-most-once; durable streams redeliver), counted in :attr:`dropped` and logged, so a
+    slow reader can never eat the process's memory or block other subscribers.
+    """
+
+    def __init__(self, pattern: str, *, queue: str | None = None, max_pending: int = 1024) -> None:
+        self.pattern = pattern
+        self.queue_group = queue
+        self.dropped = 0
+        self.delivered = 0
+        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue(maxsize=max_pending)
+        self._closed = False
+        self._on_close: list[object] = []
+
+    # -- called by transports ---------------------------------------------------------------------------
+    def deliver(self, frame: Frame) -> bool:
+        """Hand a frame to the reader without blocking; ``False`` (and counted) when it had to be dropped."""
+        if self._closed:
+            return False
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("slow consumer: dropping frames", pattern=self.pattern, dropped=self.dropped,
+                            max_pending=self._queue.maxsize)
+            return False
+        return True
+
+    def end(self) -> None:
+        """Mark the stream finished: the reader sees the frames already queued, then the iteration stops."""
+        if self._closed:
+            return
+        self._closed = True
+        while True:
+            try:
+                self._queue.put_nowait(_CLOSED)
+                return
+            except asyncio.QueueFull:  # make room for the end marker: closing must never block
+                self._queue.get_nowait()
+                self.dropped += 1
+
+    # -- called by readers ------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def next(self, timeout: float | None = None) -> Frame:
+        """The next frame; raises :class:`ClosedError` once the subscription has ended."""
+        item = await asyncio.wait_for(self._queue.get(), timeout) if timeout else await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # keep reporting the end to later calls
+            raise ClosedError(f"subscription {self.pattern!r} is closed")
+        self.delivered += 1
+        assert isinstance(item, Frame)
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                yield await self.next()
+            except ClosedError:
+                return
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; idempotent. Transports extend this to tell the broker."""
+        self.end()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unsubscribe()
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Moves bytes between subjects. Agents use :class:`~fedbus.bus.Bus`, which wraps a transport."""
+
+    name: str
+    url: str
+    capabilities: Capabilities
+
+    async def connect(self) -> None:
+        """Connect to the broker; raises :class:`~fedbus.bus.errors.ConnectError`."""
+        ...
+
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        """Publish ``data`` on a concrete subject. Buffered while reconnecting."""
+        ...
+
+    async def subscribe(
+        self, pattern: str, *, queue: str | None = None, max_pending: int = 1024
+    ) -> Subscription:
+        """Subscribe to a pattern (``*``/``>`` wildcards); with ``queue``, share the load within the group."""
+        ...
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> Frame:
+        """Publish and wait for the first reply (transports with ``native_reply`` only)."""
+        ...
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything published so far has reached the broker."""
+        ...
+
+    async def close(self) -> None:
+        """Drain subscriptions, flush, disconnect. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
