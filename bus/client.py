@@ -94,14 +94,17 @@ class EventSubscription(Generic[E]):
                 return delivery
 
     def __aiter__(self) -> AsyncIterator[Delivery[E]]:
-        return self._iterate()
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Delivery[E]]:
+    async def __anext__(self) -> Delivery[E]:
         while True:
             try:
-                yield await self.next()
+                frame = await self._sub.next()
             except ClosedError:
-                return
+                raise StopAsyncIteration from None
+            delivery = self._bus._accept(frame, self._cls)
+            if delivery is not None:
+                return delivery
 
     async def unsubscribe(self) -> None:
         await self._sub.unsubscribe()

@@ -35,31 +35,38 @@ from .events import CATALOGUE, Catalogue, Event
 __all__ = ["Codec", "Envelope", "Limits", "new_id", "signing_bytes"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits → 2 characters
+_RAND_MAX = (1 << 80) - 1
 
 
 class _UlidSource:
-    """Monotonic ULIDs: 48 bits of milliseconds, 80 bits that are random, then incremented within a ms."""
+    """Monotonic ULIDs: 48 bits of milliseconds (10 chars), 80 random bits (16 chars) incremented within a ms."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
-        self._last_rand = 0
+        self._time_part = ""
+        self._rand = 0
 
     def __call__(self) -> str:
         with self._lock:
             ms = time.time_ns() // 1_000_000
-            if ms <= self._last_ms:
-                ms = self._last_ms
-                self._last_rand = (self._last_rand + 1) & ((1 << 80) - 1)
-            else:
+            if ms > self._last_ms:
                 self._last_ms = ms
-                self._last_rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
-            value = (ms << 80) | self._last_rand
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+                self._rand = int.from_bytes(os.urandom(10), "big") >> 1  # leave room to increment
+                chars = []
+                for _ in range(10):
+                    chars.append(_CROCKFORD[ms & 31])
+                    ms >>= 5
+                self._time_part = "".join(reversed(chars))
+            else:  # same millisecond (or the clock stepped back): keep sorting by incrementing
+                self._rand = (self._rand + 1) & _RAND_MAX
+            rand = self._rand
+            time_part = self._time_part
+        p = _PAIRS
+        return time_part + (p[rand >> 70] + p[(rand >> 60) & 1023] + p[(rand >> 50) & 1023]
+                            + p[(rand >> 40) & 1023] + p[(rand >> 30) & 1023] + p[(rand >> 20) & 1023]
+                            + p[(rand >> 10) & 1023] + p[rand & 1023])
 
 
 new_id = _UlidSource()
@@ -150,7 +157,7 @@ class Codec:
             raise FrameTooLarge(len(frame), self.limits.max_frame_bytes, subject=subject)
         try:
             return self._envelope_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a str
             raise MalformedFrame(f"not a fedbus envelope: {exc}", subject=subject) from None
 
     def decode(self, env: Envelope, *, subject: str | None = None) -> Event:
@@ -163,8 +170,8 @@ class Codec:
             return decoder.decode(env.data)
         except msgspec.ValidationError as exc:
             raise SchemaError(str(exc), event_type=env.type, field=_field_of(exc), subject=subject) from None
-        except msgspec.DecodeError as exc:
-            raise SchemaError(f"payload is not msgpack: {exc}", event_type=env.type, subject=subject) from None
+        except (msgspec.MsgspecError, ValueError) as exc:
+            raise SchemaError(f"payload is not valid msgpack: {exc}", event_type=env.type, subject=subject) from None
 
     def decode_untyped(self, data: bytes) -> Any:
         """Decode msgpack without a schema (inspector, unknown types), within the container/depth limits."""

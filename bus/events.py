@@ -15,6 +15,7 @@ payload has a depth bounded by its schema.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -31,6 +32,8 @@ Scalar = str | int | float | bool | None
 Params = dict[str, Scalar]
 
 E = TypeVar("E", bound="Event")
+_BASES: dict[type, str] = {}  # event class → "fedbus.<domain>.<name>", computed once at declaration
+_KEY_OK = re.compile(r"[A-Za-z0-9_-]+").fullmatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,11 @@ class EventSpec:
         """The wire type, ``<domain>.<name>``."""
         return f"{self.domain}.{self.name}"
 
+    @property
+    def base_subject(self) -> str:
+        """``fedbus.<domain>.<name>``: the subject, less the key token."""
+        return subjects.join(subjects.PREFIX, self.domain, self.name)
+
 
 class Event(msgspec.Struct, kw_only=True, frozen=True):
     """Base of every event payload. Subclass it and decorate the subclass with :func:`event`."""
@@ -58,11 +66,13 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
     def subject(self) -> str:
         """The concrete subject this event is published on."""
         spec = self.spec
+        base = _BASES[type(self)]
         if spec.key is None:
-            return subjects.join(subjects.PREFIX, spec.domain, spec.name)
+            return base
         key = getattr(self, spec.key)
-        return subjects.join(subjects.PREFIX, spec.domain, spec.name, subjects.validate_token(
-            str(key), what=f"{spec.type}.{spec.key} (used in the subject)"))
+        if not (isinstance(key, str) and _KEY_OK(key)):
+            subjects.validate_token(str(key), what=f"{spec.type}.{spec.key} (used in the subject)")
+        return f"{base}.{key}"
 
     @classmethod
     def pattern(cls, key: str = "*") -> str:
@@ -126,6 +136,7 @@ def event(
         if key is not None and key not in cls.__struct_fields__:
             raise SubjectError(f"key field is not a field of {cls.__name__}", subject=key)
         cls.spec = EventSpec(domain, name, version, key, durable, signed)
+        _BASES[cls] = cls.spec.base_subject
         return (catalogue or CATALOGUE).register(cls)
 
     return decorate

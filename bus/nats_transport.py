@@ -139,12 +139,18 @@ class NatsTransport:
                  else self.url, reconnects=self.reconnects)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        # The hot path: no context managers, the subject check is cached.
         subjects.validate_subject(subject)
-        nc = self.nc
+        nc = self._nc
+        if nc is None or self._closed:
+            raise ClosedError(f"{self.url} is {'closed' if self._closed else 'not connected'}")
         if len(data) > nc.max_payload:
             raise FrameTooLarge(len(data), nc.max_payload, subject=subject)
-        with map_exceptions(_ERRORS):
+        try:
             await nc.publish(subject, data, reply=reply or "")
+        except (nats.errors.Error, OSError) as exc:
+            with map_exceptions(_ERRORS):
+                raise exc
 
     async def subscribe(
         self, pattern: str, *, queue: str | None = None, max_pending: int = 1024

@@ -9,6 +9,7 @@ agent meet on the same event. Wildcards (``*`` one token, ``>`` the rest) are on
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
 
 from .errors import SubjectError
@@ -26,12 +27,13 @@ __all__ = [
 
 PREFIX: Final = "fedbus"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_TOKEN_MATCH = _TOKEN.fullmatch
 _MAX_SUBJECT = 512
 
 
 def validate_token(token: str, *, what: str = "subject token") -> str:
     """Return ``token`` if it can stand as one subject token, else raise :class:`SubjectError`."""
-    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+    if not isinstance(token, str) or not _TOKEN_MATCH(token):
         raise SubjectError(f"invalid {what} (allowed: letters, digits, '_' and '-')", subject=str(token))
     return token
 
@@ -62,11 +64,13 @@ def _check(subject: str, *, wildcards: bool) -> str:
     return subject
 
 
+@lru_cache(maxsize=16384)
 def validate_subject(subject: str) -> str:
     """Validate a concrete subject to publish on: no wildcards, no empty tokens, no whitespace."""
     return _check(subject, wildcards=False)
 
 
+@lru_cache(maxsize=4096)
 def validate_pattern(pattern: str) -> str:
     """Validate a subscription pattern: like a subject, plus ``*`` tokens and a trailing ``>``."""
     return _check(pattern, wildcards=True)
@@ -94,5 +98,8 @@ def to_mqtt(subject_or_pattern: str) -> str:
 
 def from_mqtt(topic: str) -> str:
     """The subject (or pattern) for an MQTT topic (or filter); the inverse of :func:`to_mqtt`."""
-    subject = ".".join("*" if t == "+" else ">" if t == "#" else t for t in topic.split("/"))
-    return validate_pattern(subject)
+    levels = topic.split("/")
+    for level in levels:
+        if level not in ("+", "#") and not _TOKEN.fullmatch(level):
+            raise SubjectError("MQTT topic level is not a fedbus subject token", subject=topic)
+    return validate_pattern(".".join("*" if t == "+" else ">" if t == "#" else t for t in levels))

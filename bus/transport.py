@@ -9,6 +9,7 @@ against all of them on real servers.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,9 +42,6 @@ class Capabilities:
     """Replies travel on a transport-level reply subject (NATS). Otherwise the envelope's ``reply`` is used."""
 
 
-_CLOSED = object()
-
-
 class Subscription:
     """A bounded stream of frames for one pattern. Iterate with ``async for``; close with :meth:`unsubscribe`.
 
@@ -53,41 +51,41 @@ class Subscription:
     """
 
     def __init__(self, pattern: str, *, queue: str | None = None, max_pending: int = 1024) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         self.pattern = pattern
         self.queue_group = queue
+        self.max_pending = max_pending
         self.dropped = 0
         self.delivered = 0
-        self._queue: asyncio.Queue[Frame | object] = asyncio.Queue(maxsize=max_pending)
+        self._frames: deque[Frame] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._on_close: list[object] = []
 
     # -- called by transports ---------------------------------------------------------------------------
     def deliver(self, frame: Frame) -> bool:
         """Hand a frame to the reader without blocking; ``False`` (and counted) when it had to be dropped."""
         if self._closed:
             return False
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if len(self._frames) >= self.max_pending:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("slow consumer: dropping frames", pattern=self.pattern, dropped=self.dropped,
-                            max_pending=self._queue.maxsize)
+                            max_pending=self.max_pending)
             return False
+        self._frames.append(frame)
+        self._wake()
         return True
 
     def end(self) -> None:
         """Mark the stream finished: the reader sees the frames already queued, then the iteration stops."""
-        if self._closed:
-            return
         self._closed = True
-        while True:
-            try:
-                self._queue.put_nowait(_CLOSED)
-                return
-            except asyncio.QueueFull:  # make room for the end marker: closing must never block
-                self._queue.get_nowait()
-                self.dropped += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- called by readers ------------------------------------------------------------------------------
     @property
@@ -96,27 +94,33 @@ class Subscription:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._frames)
 
     async def next(self, timeout: float | None = None) -> Frame:
-        """The next frame; raises :class:`ClosedError` once the subscription has ended."""
-        item = await asyncio.wait_for(self._queue.get(), timeout) if timeout else await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # keep reporting the end to later calls
-            raise ClosedError(f"subscription {self.pattern!r} is closed")
+        """The next frame; raises :class:`ClosedError` once the subscription has ended and is empty, and
+        ``TimeoutError`` when ``timeout`` passes first."""
+        while not self._frames:
+            if self._closed:
+                raise ClosedError(f"subscription {self.pattern!r} is closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
         self.delivered += 1
-        assert isinstance(item, Frame)
-        return item
+        return self._frames.popleft()
 
     def __aiter__(self) -> AsyncIterator[Frame]:
-        return self._iterate()
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Frame]:
-        while True:
-            try:
-                yield await self.next()
-            except ClosedError:
-                return
+    async def __anext__(self) -> Frame:
+        try:
+            return await self.next()
+        except ClosedError:
+            raise StopAsyncIteration from None
 
     async def unsubscribe(self) -> None:
         """Stop receiving; idempotent. Transports extend this to tell the broker."""

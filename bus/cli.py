@@ -1,0 +1,67 @@
+"""The ``fedbus`` command. Each package contributes commands through the ``fedbus.cli`` entry point group.
+
+An entry point names a list of ``click.Command`` objects. Groups of the same name from several packages are
+merged, so ``fedbus agent gpu`` (agents) and ``fedbus agent aggregator`` (aggregator) live side by side.
+Every client command takes ``--server URL`` (or ``FEDBUS_SERVER``); see :func:`server_option`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+import click
+
+__all__ = ["DEFAULT_SERVER", "main", "server_option"]
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_option(func: F) -> F:
+    """``--server URL`` with ``FEDBUS_SERVER`` as the fallback: nats://… for NATS, mqtt://… for MQTT."""
+    return click.option(
+        "--server", "server", envvar="FEDBUS_SERVER", default=DEFAULT_SERVER, show_default=True,
+        show_envvar=True, help="Broker URL (nats://host:port[,nats://…] or mqtt://host:port).",
+    )(func)
+
+
+class _Root(click.Group):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in sorted(entry_points(group="fedbus.cli"), key=lambda e: e.name):
+            commands: Iterable[click.Command] = ep.load()
+            for command in commands:
+                self._merge(command)
+
+    def _merge(self, command: click.Command) -> None:
+        assert command.name is not None
+        existing = self.commands.get(command.name)
+        if isinstance(existing, click.Group) and isinstance(command, click.Group):
+            for sub in command.commands.values():
+                existing.add_command(sub)
+        else:
+            self.add_command(command)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="fedbus")
+def main() -> None:
+    """fedbus: launch, serve, train and federate AI jobs as typed events over NATS and MQTT."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
