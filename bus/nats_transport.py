@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from urllib.parse import urlsplit
 from typing import Any, Self
 
 import nats
@@ -92,6 +93,7 @@ class NatsTransport:
         self._closed = False
         self.reconnects = 0
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
 
     @property
     def nc(self) -> NatsClient:
@@ -105,20 +107,38 @@ class NatsTransport:
             raise ClosedError("transport is closed")
         if self._nc is not None:
             return
-        last: Exception | None = None
+        # nats-py retries an unreachable server forever when reconnecting is allowed, so the first connection
+        # is probed here: a user who mistyped the URL gets a ConnectError, not a hang.
+        last: BaseException | None = None
         for attempt in range(self._initial_attempts):
+            if await self._any_server_reachable():
+                try:
+                    self._nc = await asyncio.wait_for(nats.connect(
+                        servers=self._servers, name=self.client_name, allow_reconnect=True,
+                        error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                        reconnected_cb=self._on_reconnect, **self._options,
+                    ), timeout=self._options["connect_timeout"] * 2 + 5)
+                    self.connected.set()
+                    return
+                except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                    last = exc
+            else:
+                last = OSError("connection refused or timed out")
+            await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+        raise ConnectError(f"cannot reach NATS: {last}", url=self.url)
+
+    async def _any_server_reachable(self) -> bool:
+        for server in self._servers:
+            url = urlsplit(server if "://" in server else f"nats://{server}")
             try:
-                self._nc = await nats.connect(
-                    servers=self._servers, name=self.client_name, allow_reconnect=True,
-                    error_cb=self._on_error, disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect, **self._options,
-                )
-                self.connected.set()
-                return
-            except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
-                last = exc
-                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
-        raise ConnectError(f"cannot reach NATS: {last}", url=self.url) from last
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222),
+                    self._options["connect_timeout"])
+            except (OSError, asyncio.TimeoutError):
+                continue
+            writer.close()
+            return True
+        return False
 
     # nats-py calls these; they must never raise (a raising callback stops reconnection, nats.py #204).
     async def _on_error(self, exc: Exception) -> None:
@@ -129,11 +149,13 @@ class NatsTransport:
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()
+        self.disconnected.set()
         if not self._closed:
             log.warning("disconnected; buffering publishes until reconnect", url=self.url)
 
     async def _on_reconnect(self) -> None:
         self.reconnects += 1
+        self.disconnected.clear()
         self.connected.set()
         log.info("reconnected", url=self._nc.connected_url.netloc if self._nc and self._nc.connected_url
                  else self.url, reconnects=self.reconnects)
