@@ -2,6 +2,7 @@
 
 from .client import Bus, Delivery, EventSubscription, Security
 from .codec import Codec, Envelope, Limits, new_id
+from .connect import connect, publish_sync, transport_for
 from .events import CATALOGUE, Catalogue, Event, EventSpec, Params, Scalar, event
 from .memory import MemoryBroker, MemoryTransport
 from .signing import AgentKey, KeyRing, ReplayGuard
@@ -30,6 +31,9 @@ __all__ = [
     "Security",
     "Subscription",
     "Transport",
+    "connect",
     "event",
     "new_id",
+    "publish_sync",
+    "transport_for",
 ]

@@ -201,9 +201,11 @@ class NatsServer:
         raise ConnectError(f"nats-server not ready after {self.ready_timeout:g}s", url=self.url)
 
     def _healthy(self) -> bool:
-        # /healthz answers 200 once the server, and JetStream (meta leader elected in a cluster), are ready.
+        # The full /healthz: 200 once JetStream has a meta leader (in a cluster) and every stream and consumer
+        # this server holds is recovered and current. (``?js-enabled-only`` and ``?js-server-only`` answer 200
+        # before a cluster has elected its meta leader, so a test could then race the election.)
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as r:
                 return bool(r.status == 200)
         except OSError:
             return False

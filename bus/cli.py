@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
+from .console import configure_logging
+
 __all__ = ["DEFAULT_SERVER", "main", "server_option"]
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
@@ -38,7 +40,12 @@ class _Root(click.Group):
             return
         self._loaded = True
         for ep in sorted(entry_points(group="fedbus.cli"), key=lambda e: e.name):
-            commands: Iterable[click.Command] = ep.load()
+            try:
+                commands: Iterable[click.Command] = ep.load()
+            except ImportError as exc:  # e.g. `fedbus fl` without the ml extra: the other commands still work
+                click.echo(f"fedbus: the {ep.name} commands are unavailable ({exc}); "
+                           f"try: pip install 'fedbus[ml]'", err=True)
+                continue
             for command in commands:
                 self._merge(command)
 
@@ -63,5 +70,14 @@ class _Root(click.Group):
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="fedbus")
 def main() -> None:
-    """fedbus: launch, serve, train and federate AI jobs as typed events over NATS and MQTT."""
+    """fedbus: launch, serve, train and federate AI jobs as typed events over NATS and MQTT.
+
+    Logs go to stderr: pretty on a terminal, JSON lines otherwise; FEDBUS_LOG_LEVEL (default warning) and
+    FEDBUS_LOG_FORMAT=json|pretty override.
+    """
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    configure_logging()
+
+
+if __name__ == "__main__":  # python -m fedbus.bus.cli
+    main(prog_name="fedbus")

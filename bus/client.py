@@ -213,15 +213,21 @@ class Bus:
         sub = await self.transport.subscribe(pattern, queue=queue, max_pending=max_pending)
         return EventSubscription(self, sub, cls)
 
-    def _accept(self, frame: Frame, cls: type[Event] | None) -> Delivery[Any] | None:
-        """Turn a frame into a delivery, or drop it with a count and a log line."""
+    def _accept(
+        self, frame: Frame, cls: type[Event] | None, *, check_replay: bool = True
+    ) -> Delivery[Any] | None:
+        """Turn a frame into a delivery, or drop it with a count and a log line.
+
+        ``check_replay=False`` is for events read back from a durable stream: a redelivery or a replay repeats
+        an event id on purpose (the stream deduplicates by id); signatures are still verified.
+        """
         env: Envelope | None = None
         try:
             env = self.codec.unpack(frame.data, subject=frame.subject)
             event = self.codec.decode(env, subject=frame.subject)
             if cls is not None and type(event) is not cls:
                 raise CodecError(f"expected {cls.spec.type}, got {env.type}", subject=frame.subject)
-            self._authenticate(env, event)
+            self._authenticate(env, event, check_replay=check_replay)
         except (CodecError, AuthError) as exc:
             self.rejected[type(exc).__name__] += 1
             log.warning("event rejected", reason=type(exc).__name__, error=str(exc), subject=frame.subject,
@@ -229,7 +235,7 @@ class Bus:
             return None
         return Delivery(frame.subject, env, event, frame.reply or env.reply)
 
-    def _authenticate(self, env: Envelope, event: Event) -> None:
+    def _authenticate(self, env: Envelope, event: Event, *, check_replay: bool = True) -> None:
         if self.security is Security.OFF:
             return
         if env.sig is None:
@@ -238,7 +244,8 @@ class Bus:
                                     source=env.src)
             return
         self.keyring.verify(env)
-        self.replay.check(env)
+        if check_replay:
+            self.replay.check(env)
 
     # -- request / reply --------------------------------------------------------------------------------
     async def request(self, event: Event, *, timeout: float = 5.0, trace: str | None = None) -> Delivery[Any]:

@@ -113,7 +113,7 @@ class Codec:
     """Encodes events into frames and decodes frames into events, enforcing :class:`Limits`."""
 
     def __init__(self, *, catalogue: Catalogue | None = None, limits: Limits | None = None) -> None:
-        self.catalogue = catalogue or CATALOGUE
+        self.catalogue = CATALOGUE if catalogue is None else catalogue
         self.limits = limits or Limits()
         self._encoder = msgspec.msgpack.Encoder()
         self._envelope_decoder = msgspec.msgpack.Decoder(Envelope)

@@ -26,6 +26,7 @@ translated at the transport edge by :func:`map_exceptions`, so callers never cat
     │   │   └── ReplayedEvent       seen before, or outside the replay window
     │   └── StoreError
     │       ├── NotFound            no such key / object / stream
+    │       ├── Conflict            compare-and-set lost: the key exists, or its revision moved on
     │       └── IntegrityError      an object's bytes do not match its sha256
     └── ...                         packages add their own subclasses (JobError, RoundError, ...)
 """
@@ -43,6 +44,7 @@ __all__ = [
     "ClosedError",
     "CodecError",
     "ConfigError",
+    "Conflict",
     "ConnectError",
     "FedbusError",
     "FrameTooLarge",
@@ -210,8 +212,23 @@ class NotFound(StoreError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class Conflict(StoreError):
+    """A compare-and-set lost: ``create`` of an existing key, or ``update`` from a stale revision."""
+
+    def __init__(self, message: str, *, key: str, expected: int | None = None) -> None:
+        super().__init__(f"{key!r}: {message}")
+        self.key = key
+        self.expected = expected
+
+
 class IntegrityError(StoreError):
-    """An object's bytes do not match the sha256 recorded when it was stored."""
+    """An object's bytes do not match the sha256 (or size) recorded when it was stored."""
+
+    def __init__(self, name: str, *, expected: str, actual: str) -> None:
+        super().__init__(f"object {name!r} is corrupt: expected {expected}, read {actual}")
+        self.name = name
+        self.expected = expected
+        self.actual = actual
 
 
 @contextmanager

@@ -137,6 +137,6 @@ def event(
             raise SubjectError(f"key field is not a field of {cls.__name__}", subject=key)
         cls.spec = EventSpec(domain, name, version, key, durable, signed)
         _BASES[cls] = cls.spec.base_subject
-        return (catalogue or CATALOGUE).register(cls)
+        return (CATALOGUE if catalogue is None else catalogue).register(cls)
 
     return decorate

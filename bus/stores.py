@@ -2,33 +2,99 @@
 
 Implementations: NATS JetStream (:mod:`fedbus.bus.jetstream`) for deployments and in-memory ones
 (:mod:`fedbus.bus.memstores`) for unit tests and single-process simulation. ``tests/test_store_contract.py``
-runs one suite against each.
+runs one suite against each. Agents never pick one themselves::
+
+    stores = await open_stores(bus)              # JetStream on a NATS bus, memory on a memory bus
+    log = stores.event_log()
+    await log.publish(JobAccepted(job_id="j1"))  # returns once the broker has stored it
+    async with log.consume(JobAccepted, durable="scheduler", ack_wait=30) as deliveries:
+        async for d in deliveries:
+            ...
+            await d.ack()                        # or it is delivered again after ack_wait
+    state = await stores.key_value("agents", ttl=30)
+    weights = await stores.object_store("models")
+
+Besides the protocols, this module holds what both backends share: the value types they return, key and
+bucket validation, and :class:`ChunkedObjectStore`, which implements the file/bytes/stream variants of the
+object store on top of two primitives so that hashing, verification and the temp-file dance live in one place.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import abc
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
+from . import subjects
 from .codec import Envelope
+from .errors import AuthError, CodecError, IntegrityError, NotSupported, SubjectError
 from .events import Event
+from .transport import Frame
+
+if TYPE_CHECKING:
+    from .client import Bus
 
 __all__ = [
     "AckableDelivery",
+    "ChunkedObjectStore",
+    "ConsumerStats",
+    "EventConsumer",
     "EventLog",
     "KeyValue",
     "KvEntry",
     "ObjectInfo",
     "ObjectStore",
+    "PublishAck",
+    "StoredEvent",
+    "Stores",
+    "StreamStats",
+    "accept_stored",
+    "open_stores",
+    "patterns_overlap",
+    "stored_event",
+    "stream_name",
+    "validate_bucket",
+    "validate_key",
 ]
 
 E = TypeVar("E", bound=Event)
+E_co = TypeVar("E_co", bound=Event, covariant=True)
+
+_KEY = re.compile(r"[-/_=.A-Za-z0-9]+")
 
 
+def validate_key(key: str) -> str:
+    """A key-value key: letters, digits and ``-/_=.``, not starting or ending with ``.`` (as NATS KV)."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or key.startswith(".") or key.endswith("."):
+        raise SubjectError("invalid key (allowed: letters, digits and -/_=., no leading or trailing '.')",
+                           subject=str(key))
+    return key
+
+
+def stream_name(domain: str) -> str:
+    """The stream holding an event domain's durable events, e.g. ``FEDBUS_JOBS`` (both backends)."""
+    return "FEDBUS_" + subjects.validate_token(domain, what="event domain").upper()
+
+
+def validate_bucket(bucket: str) -> str:
+    """A bucket name is one subject token: ``[A-Za-z0-9_-]+``."""
+    return subjects.validate_token(bucket, what="bucket name")
+
+
+# -- key-value -----------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class KvEntry:
+    """A key's current value and the revision that wrote it."""
+
     key: str
     value: bytes
     revision: int
@@ -36,100 +102,473 @@ class KvEntry:
 
 @runtime_checkable
 class KeyValue(Protocol):
-    """Agent state: small values by key, with revisions for compare-and-set."""
+    """Agent state: small values by key, with revisions for compare-and-set.
+
+    Revisions increase with every write to the bucket. A bucket opened with a ``ttl`` forgets entries that
+    were not written for that long: liveness is "my key still exists".
+    """
+
+    bucket: str
 
     async def get(self, key: str) -> KvEntry:
-        """The current entry; raises :class:`~fedbus.bus.errors.NotFound`."""
+        """The current entry; raises :class:`~fedbus.bus.errors.NotFound` (also for a deleted key)."""
         ...
 
     async def put(self, key: str, value: bytes) -> int:
-        """Store ``value``; returns the new revision."""
+        """Store ``value`` unconditionally; returns the new revision."""
         ...
 
     async def create(self, key: str, value: bytes) -> int:
-        """Store only if ``key`` does not exist; raises :class:`~fedbus.bus.errors.StoreError` otherwise."""
+        """Store only if ``key`` does not exist (or was deleted), else raise ``Conflict``."""
         ...
 
     async def update(self, key: str, value: bytes, *, revision: int) -> int:
-        """Compare-and-set: store only if the current revision is ``revision``."""
+        """Compare-and-set: store only if the key's current revision is ``revision``, else ``Conflict``."""
         ...
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; deleting a missing key is not an error."""
+        ...
 
-    async def keys(self) -> list[str]: ...
+    async def keys(self) -> list[str]:
+        """The keys that currently hold a value, sorted."""
+        ...
 
 
+# -- objects -------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
+    """What the store recorded about an object when it was put."""
+
     name: str
     size: int
     sha256: str
+    """Hex digest of the whole object, computed while it was streamed in."""
     chunks: int = 0
+    chunk_size: int = 0
+    time_ns: int = 0
+    """When the put completed."""
+    version: str = ""
+    """Identifies this put of the name: a new put, even of the same bytes, gets a new version."""
 
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """Large blobs (model weights, workspaces), streamed in chunks and verified by sha256."""
+    """Large blobs (model weights, workspaces), streamed in chunks and verified by sha256.
 
-    async def put_stream(self, name: str, chunks: AsyncIterator[bytes]) -> ObjectInfo: ...
+    Memory stays bounded by a few chunks whatever the object's size. Putting a name again replaces the object
+    once the new one is complete; readers never see a half-written object.
+    """
 
-    async def put_file(self, name: str, path: Path) -> ObjectInfo: ...
+    bucket: str
+    chunk_size: int
+
+    async def put_stream(self, name: str, chunks: AsyncIterator[bytes]) -> ObjectInfo:
+        """Store the bytes of ``chunks`` (any sizes; re-cut to the store's chunk size)."""
+        ...
+
+    async def put_file(self, name: str, path: Path) -> ObjectInfo:
+        """Store a file, read in chunks off the event loop."""
+        ...
 
     async def put_bytes(self, name: str, data: bytes) -> ObjectInfo: ...
 
     def get_stream(self, name: str) -> AsyncIterator[bytes]:
-        """Chunks of the object; the sha256 is verified at the end (raises IntegrityError on mismatch)."""
+        """Chunks of the object; the sha256 is verified at the end (raises IntegrityError on mismatch).
+
+        The chunks are yielded before the digest is known: use :meth:`get_file` or :meth:`get_bytes` when the
+        data must not be used unverified. Close the iterator (``contextlib.aclosing``) if you stop early.
+        """
         ...
 
     async def get_file(self, name: str, path: Path) -> ObjectInfo:
-        """Write the object to ``path`` (via a temporary file, renamed once verified)."""
+        """Write the object to ``path`` via a temporary file beside it, renamed only once verified."""
         ...
 
-    async def get_bytes(self, name: str) -> bytes: ...
+    async def get_bytes(self, name: str) -> bytes:
+        """The whole object in memory, verified."""
+        ...
 
-    async def info(self, name: str) -> ObjectInfo: ...
+    async def info(self, name: str) -> ObjectInfo:
+        """Raises :class:`~fedbus.bus.errors.NotFound`."""
+        ...
 
     async def delete(self, name: str) -> None: ...
 
-    async def list(self) -> list[ObjectInfo]: ...
+    async def list(self) -> list[ObjectInfo]:
+        """Every object in the bucket, sorted by name."""
+        ...
 
 
-class AckableDelivery(Protocol[E]):
+class _Digest:
+    """A running sha256 and byte count of what was streamed through it."""
+
+    __slots__ = ("_hash", "size")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class ChunkedObjectStore(abc.ABC):
+    """The object store's public methods, built on two primitives a backend provides.
+
+    ``_store(name, pieces, digest)`` persists pieces of at most :attr:`chunk_size` bytes (the digest is
+    complete once ``pieces`` is exhausted) and ``_load(info)`` yields the stored chunks back. Hashing happens
+    here, once per transfer: inline for streams, and for files in a worker thread together with the file I/O,
+    so a slow disk never stalls the event loop.
+    """
+
+    bucket: str
+    chunk_size: int
+
+    @abc.abstractmethod
+    async def _store(self, name: str, pieces: AsyncIterator[bytes], digest: _Digest) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def _load(self, info: ObjectInfo) -> AsyncGenerator[bytes, None]: ...
+
+    @abc.abstractmethod
+    async def info(self, name: str) -> ObjectInfo: ...
+
+    # -- put --------------------------------------------------------------------------------------------
+    async def put_stream(self, name: str, chunks: AsyncIterator[bytes]) -> ObjectInfo:
+        """Store the bytes of ``chunks`` (any sizes; re-cut to the store's chunk size)."""
+        digest = _Digest()
+        return await self._store(name, _hashed(_recut(chunks, self.chunk_size), digest), digest)
+
+    async def put_bytes(self, name: str, data: bytes) -> ObjectInfo:
+        """Store ``data``."""
+        return await self.put_stream(name, _once(data))
+
+    async def put_file(self, name: str, path: Path) -> ObjectInfo:
+        """Store a file, read and hashed in chunks in a worker thread."""
+        digest = _Digest()
+        with open(path, "rb") as file:
+            async with contextlib.aclosing(_read_file(file, self.chunk_size, digest)) as pieces:
+                return await self._store(name, pieces, digest)
+
+    # -- get --------------------------------------------------------------------------------------------
+    async def get_stream(self, name: str) -> AsyncGenerator[bytes, None]:
+        """Chunks of the object, verified against its sha256 once the last one has been read."""
+        info = await self.info(name)
+        digest = _Digest()
+        async with contextlib.aclosing(self._load(info)) as chunks:
+            async for chunk in chunks:
+                digest.update(chunk)
+                yield chunk
+        _verify(info, digest)
+
+    async def get_bytes(self, name: str) -> bytes:
+        """The whole object in memory, verified."""
+        parts = [chunk async for chunk in self.get_stream(name)]
+        return b"".join(parts)
+
+    async def get_file(self, name: str, path: Path) -> ObjectInfo:
+        """Write the object to ``path`` via a temporary file in the same directory, renamed once verified."""
+        path = Path(path)
+        info = await self.info(name)
+        digest = _Digest()
+        loop = asyncio.get_running_loop()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                async with contextlib.aclosing(self._load(info)) as chunks:
+                    async for chunk in chunks:  # file I/O and hashing off the event loop
+                        await loop.run_in_executor(None, _write_and_hash, file, digest, chunk)
+            _verify(info, digest)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return info
+
+
+def _verify(info: ObjectInfo, digest: _Digest) -> None:
+    if digest.size != info.size:
+        raise IntegrityError(info.name, expected=f"{info.size} bytes", actual=f"{digest.size} bytes")
+    actual = digest.hexdigest()
+    if actual != info.sha256:
+        raise IntegrityError(info.name, expected=f"sha256 {info.sha256}", actual=f"sha256 {actual}")
+
+
+def _write_and_hash(file: IO[bytes], digest: _Digest, chunk: bytes) -> None:
+    file.write(chunk)
+    digest.update(chunk)
+
+
+def _read_and_hash(file: IO[bytes], size: int, digest: _Digest) -> bytes:
+    data = file.read(size)
+    digest.update(data)
+    return data
+
+
+async def _read_file(file: IO[bytes], size: int, digest: _Digest) -> AsyncGenerator[bytes, None]:
+    # One chunk at a time: on a machine with few cores a reader thread running ahead only fights the event
+    # loop and the broker for them (measured: no faster, sometimes slower).
+    loop = asyncio.get_running_loop()
+    while data := await loop.run_in_executor(None, _read_and_hash, file, size, digest):
+        yield data
+
+
+async def _hashed(pieces: AsyncIterator[bytes], digest: _Digest) -> AsyncIterator[bytes]:
+    async for piece in pieces:
+        digest.update(piece)
+        yield piece
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _recut(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Re-cut a stream of arbitrary pieces into pieces of exactly ``size`` bytes (the last may be shorter)."""
+    pending = bytearray()
+    async for chunk in chunks:
+        if not pending and len(chunk) == size:
+            yield bytes(chunk)
+            continue
+        pending += chunk
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
+    if pending:
+        yield bytes(pending)
+
+
+# -- durable event streams -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    """The broker's receipt for a durable publish."""
+
+    stream: str
+    seq: int
+    duplicate: bool = False
+    """The envelope id was already stored (a retry): nothing new was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event read back from a stream; ``event`` is ``None`` (and ``error`` says why) for a bad frame."""
+
+    seq: int
+    subject: str
+    time_ns: int
+    """When the stream stored it."""
+    data: bytes
+    envelope: Envelope | None = None
+    event: Event | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    name: str
+    pending: int
+    """Stored events this consumer has not been sent yet."""
+    ack_pending: int
+    """Sent, not yet acknowledged (leases held)."""
+    redelivered: int
+    """Of the leases held, how many are on events delivered more than once."""
+    delivered_seq: int
+    ack_floor: int
+    ack_wait: float
+    max_deliver: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    name: str
+    subjects: tuple[str, ...]
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    replicas: int = 1
+    consumers: tuple[ConsumerStats, ...] = field(default=())
+
+
+@runtime_checkable
+class AckableDelivery(Protocol[E_co]):
     """A delivery from a durable consumer: acknowledge it, or it is redelivered after the ack wait."""
 
-    subject: str
-    envelope: Envelope
-    event: E
-    delivered: int
-    """How many times this event has been delivered (1 on the first try)."""
+    @property
+    def subject(self) -> str: ...
 
-    async def ack(self) -> None: ...
+    @property
+    def envelope(self) -> Envelope: ...
 
-    async def nak(self, delay: float | None = None) -> None: ...
+    @property
+    def event(self) -> E_co: ...
+
+    @property
+    def delivered(self) -> int:
+        """How many times this event has been delivered (1 on the first try)."""
+        ...
+
+    @property
+    def seq(self) -> int:
+        """The event's sequence number in its stream."""
+        ...
+
+    async def ack(self, *, confirm: bool = False) -> None:
+        """Done: never deliver it again. With ``confirm``, return only once the broker has recorded the ack
+        (otherwise the ack is sent and a lost one means one more delivery)."""
+        ...
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Not done: deliver it again, now or after ``delay`` seconds."""
+        ...
 
     async def in_progress(self) -> None:
-        """Extend the ack deadline (a lease renewal)."""
+        """Extend the lease: the ack wait starts again from now."""
         ...
+
+    async def term(self) -> None:
+        """Give up on it: never deliver it again (a poison event)."""
+        ...
+
+
+class EventConsumer(Protocol[E_co]):
+    """A named durable consumer: ``async with`` it, then ``async for`` its deliveries (or :meth:`next`)."""
+
+    dropped: int
+    """Invalid frames acknowledged and dropped (each also counted in ``bus.rejected`` and logged)."""
+
+    async def next(self, timeout: float | None = None) -> AckableDelivery[E_co]:
+        """The next valid delivery; raises ``TimeoutError`` after ``timeout`` seconds without one."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[AckableDelivery[E_co]]: ...
+
+    async def close(self) -> None:
+        """Stop receiving (the consumer's position survives on the broker). Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
 @runtime_checkable
 class EventLog(Protocol):
-    """Durable event streams for event types declared ``durable=True``; deduplicated by event id."""
+    """Durable streams of the event types declared ``durable=True``: one stream per event domain.
+
+    A publish returns once the broker stored the event; the envelope id is the deduplication key, so
+    retrying the same envelope never stores it twice. Consumers are durable and at-least-once: an event is
+    delivered again until it is acknowledged (``ack_wait`` is the lease).
+    """
 
     async def ensure(self, *classes: type[Event]) -> None:
-        """Create (or update) the streams that hold these event types."""
+        """Create (or extend) the streams of these durable event types (all in the catalogue if none)."""
         ...
 
     async def publish(self, event: Event, *, trace: str | None = None) -> Envelope:
-        """Publish and wait for the broker's ack; a retry with the same envelope id is not stored twice."""
+        """Publish and wait for the broker's ack; returns the stored envelope."""
         ...
 
-    def consume(self, cls: type[E], *, durable: str, key: str = "*", ack_wait: float = 30.0,
-                max_deliver: int = -1) -> AsyncIterator[Any]:
-        """Deliveries (with ack/nak/in_progress) for a named durable consumer that survives restarts."""
+    async def publish_envelope(self, env: Envelope) -> PublishAck:
+        """(Re)publish an existing envelope; a retry of a stored envelope comes back ``duplicate``."""
         ...
 
-    def replay(self, pattern: str, *, start_seq: int | None = None, start_time: float | None = None
-               ) -> AsyncIterator[Any]:
-        """Re-read stored events from a sequence or a time, then stop at the current end."""
+    async def publish_many(self, events: Iterable[Event], *, trace: str | None = None) -> list[Envelope]:
+        """Publish many events with a window of acks in flight; returns once all are stored."""
         ...
+
+    def consume(
+        self, cls: type[E], *, durable: str, key: str = "*", ack_wait: float = 30.0, max_deliver: int = -1,
+        max_ack_pending: int = 1000, batch: int = 16,
+    ) -> EventConsumer[E]:
+        """A named durable consumer of ``cls`` events (optionally one ``key``) that survives restarts.
+
+        Consumers sharing a ``durable`` name share the work. ``ack_wait`` is the lease on each delivery,
+        ``max_deliver`` bounds deliveries of one event (-1: unbounded), ``max_ack_pending`` bounds leases held
+        at once, and ``batch`` events are fetched together (their leases start when fetched).
+        """
+        ...
+
+    def replay(
+        self, pattern: str, *, start_seq: int | None = None, start_time_ns: int | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        """Stored events matching ``pattern`` from a sequence or a time (default: the start), up to the end
+        of the stream as it was when the replay began."""
+        ...
+
+    async def streams(self) -> list[StreamStats]:
+        """Every stream with its counts and its consumers."""
+        ...
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both NATS-style patterns (``*`` one token, ``>`` the rest)."""
+    ta, tb = a.split("."), b.split(".")
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">" or y == ">":
+            return x is not None and y is not None
+        if x is None or y is None:
+            return False
+        if x != y and x != "*" and y != "*":
+            return False
+    return True
+
+
+def stored_event(bus: Bus, seq: int, subject: str, data: bytes, time_ns: int) -> StoredEvent:
+    """A frame read back from a stream, decoded and checked by the bus; a bad one carries its ``error``."""
+    env: Envelope | None = None
+    try:
+        env = bus.codec.unpack(data, subject=subject)
+        event = bus.codec.decode(env, subject=subject)
+        bus._authenticate(env, event, check_replay=False)
+    except (CodecError, AuthError) as exc:
+        return StoredEvent(seq, subject, time_ns, data, env, None, f"{type(exc).__name__}: {exc}")
+    return StoredEvent(seq, subject, time_ns, data, env, event)
+
+
+def accept_stored(bus: Bus, subject: str, data: bytes, cls: type[Event] | None) -> Any:
+    """Validate a frame read from a stream through the bus (limits, schema, signature; not the replay
+    window: redeliveries repeat ids on purpose). ``None`` if rejected, which the bus counted and logged."""
+    return bus._accept(Frame(subject, data), cls, check_replay=False)
+
+
+# -- choosing a backend --------------------------------------------------------------------------------
+class Stores(Protocol):
+    """The durable stores of one bus, whichever backend holds them."""
+
+    def event_log(self) -> EventLog: ...
+
+    async def key_value(self, bucket: str, *, ttl: float | None = None) -> KeyValue: ...
+
+    async def object_store(self, bucket: str) -> ObjectStore: ...
+
+    async def streams(self) -> list[StreamStats]: ...
+
+
+async def open_stores(bus: Bus, **options: Any) -> Stores:
+    """JetStream stores for a bus on NATS, in-memory ones (shared per broker) for a bus on a memory transport.
+
+    ``options`` are :class:`~fedbus.bus.jetstream.JetStreamOptions` fields (``replicas``, ``storage``,
+    ``chunk_size``...); the memory backend uses ``chunk_size`` and ``duplicate_window`` and ignores the rest.
+    """
+    name = bus.transport.name
+    if name == "nats":
+        from .jetstream import JetStream
+
+        return await JetStream.open(bus, **options)
+    if name == "memory":
+        from .memstores import MemoryStores
+
+        return MemoryStores.for_bus(bus, **options)
+    raise NotSupported(f"no durable stores over a {name} transport (edge devices publish; the cloud stores)")
+

@@ -1,7 +1,7 @@
 """The one interface every transport implements: it moves bytes, never events.
 
 Implementations: :class:`~fedbus.bus.memory.MemoryTransport` (one process, tests and simulation),
-:class:`~fedbus.bus.nats.NatsTransport` (cloud, core NATS) and :class:`~fedbus.bus.mqtt.MqttTransport`
+:class:`~fedbus.bus.nats_transport.NatsTransport` (cloud, core NATS) and :class:`~fedbus.bus.mqtt_transport.MqttTransport`
 (edge devices; Mosquitto or nats-server's MQTT listener). ``tests/test_transport_contract.py`` runs one suite
 against all of them on real servers.
 """

@@ -1,0 +1,251 @@
+"""What ``fedbus launch``, ``jobs``, ``job``, ``logs``, ``cancel`` and ``agents`` do, as an async API.
+
+::
+
+    async with LaunchClient("nats://127.0.0.1:4222") as client:
+        job_id = await client.submit(load_jobspec("job.yaml"))
+        record = await client.follow(job_id, on_status=print, on_log=print)
+        print(record.state, record.exit_code)
+
+Job records are read from the ``jobs`` bucket the scheduler writes, live agents from the ``agents`` bucket
+their heartbeats refresh, logs from the durable ``jobs`` stream; none of it needs the scheduler to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+
+from fedbus.bus.client import Bus, Security
+from fedbus.bus.codec import new_id
+from fedbus.bus.connect import resolve_url, transport_for
+from fedbus.bus.errors import NotFound
+from fedbus.bus.signing import KeyRing
+from fedbus.bus.stores import EventLog, KeyValue, ObjectStore, Stores, open_stores
+from fedbus.bus.transport import Transport
+
+from . import workspace
+from .errors import JobError, UnknownJob
+from .events import AgentHeartbeat, JobCancel, JobLog, JobState, JobStatus, JobSubmit
+from .jobspec import JobSpec, LoadedJob
+from .runtime import LIVENESS_BUCKET
+from .scheduler import JOBS_BUCKET, decode_record
+from .scheduling import JobRecord
+from .trust import KEYS_BUCKET, fetch_key
+
+__all__ = ["LaunchClient", "exit_code_of", "new_job_id"]
+
+_HEARTBEAT = msgspec.msgpack.Decoder(AgentHeartbeat)
+
+
+def new_job_id(name: str) -> str:
+    """``<name>-<8 characters>``: readable, and unique (the characters are a ULID's random tail)."""
+    return f"{name[:40]}-{new_id()[-8:].lower()}"
+
+
+def exit_code_of(record: JobRecord) -> int:
+    """The exit code ``fedbus launch --follow`` ends with: the job's own, 1 when it has none, 0 on success."""
+    if record.state is JobState.SUCCEEDED:
+        return 0
+    if record.exit_code:
+        return min(max(record.exit_code, 1), 255)
+    return 1
+
+
+class LaunchClient:
+    """A short-lived client of the Launch system (one per command)."""
+
+    def __init__(self, server: str | None = None, *, transport: Transport | None = None,
+                 source: str | None = None, scheduler_id: str = "scheduler") -> None:
+        self.server = resolve_url(server)
+        self.source = source or f"cli-{os.getpid()}-{new_id()[-6:].lower()}"
+        self.scheduler_id = scheduler_id
+        self._transport = transport or transport_for(self.server, client_id=self.source)
+        self.keyring = KeyRing()
+        self.bus = Bus(self._transport, source=self.source, keyring=self.keyring, security=Security.VERIFY)
+        self._stores: Stores | None = None
+        self._jobs: KeyValue | None = None
+        self._log: EventLog | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.bus.connect()
+        try:
+            self._stores = await open_stores(self.bus)
+            self._jobs = await self._stores.key_value(JOBS_BUCKET)
+            self._log = self._stores.event_log()
+            await self._log.ensure(JobSubmit, JobCancel, JobStatus, JobLog)
+            raw = await fetch_key(await self._stores.key_value(KEYS_BUCKET), self.scheduler_id)
+            if raw is not None:
+                self.keyring.trust(raw)
+        except BaseException:
+            await self.bus.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.bus.close()
+
+    @property
+    def stores(self) -> Stores:
+        assert self._stores is not None, "use `async with LaunchClient(...)`"
+        return self._stores
+
+    # -- submitting -------------------------------------------------------------------------------------
+    async def submit(self, job: LoadedJob | JobSpec, *, job_id: str | None = None) -> str:
+        """Pack and upload the workspace folder (if any), then submit; returns the job id.
+
+        A bare :class:`JobSpec` is submitted as it is (its ``workspace``, if set, names a stored archive)."""
+        assert self._log is not None
+        spec = job.spec if isinstance(job, LoadedJob) else job
+        folder = job.workspace_dir if isinstance(job, LoadedJob) else None
+        job_id = job_id or new_job_id(spec.name)
+        if folder is not None:
+            objects: ObjectStore = await self.stores.object_store(workspace.BUCKET)
+            archive = await workspace.pack(folder)
+            try:
+                await objects.put_file(workspace.object_name(job_id), archive)
+            finally:
+                archive.unlink(missing_ok=True)
+            spec = msgspec.structs.replace(spec, workspace=workspace.object_name(job_id))
+        await self._log.publish(JobSubmit(job_id=job_id, jobspec=spec, submitted_by=self.source))
+        return job_id
+
+    async def cancel(self, job_id: str, *, reason: str = "cancelled by user") -> str:
+        """Ask the scheduler to cancel a job (durable: done even if the scheduler is restarting)."""
+        assert self._log is not None
+        job_id = await self.resolve(job_id)
+        await self._log.publish(JobCancel(job_id=job_id, reason=reason))
+        return job_id
+
+    # -- reading ----------------------------------------------------------------------------------------
+    async def jobs(self) -> list[JobRecord]:
+        """Every job the scheduler recorded, newest first."""
+        assert self._jobs is not None
+        records = []
+        for key in await self._jobs.keys():
+            with contextlib.suppress(NotFound):
+                records.append(decode_record((await self._jobs.get(key)).value))
+        return sorted(records, key=lambda r: r.created, reverse=True)
+
+    async def resolve(self, job_id: str) -> str:
+        """The full id of a job given its id or a unique prefix of it."""
+        assert self._jobs is not None
+        keys = await self._jobs.keys()
+        if job_id in keys:
+            return job_id
+        matches = [k for k in keys if k.startswith(job_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise JobError(f"ambiguous: {', '.join(sorted(matches)[:5])}", job_id=job_id)
+        raise UnknownJob(job_id)
+
+    async def job(self, job_id: str) -> JobRecord:
+        """A job's record (id or unique prefix)."""
+        assert self._jobs is not None
+        job_id = await self.resolve(job_id)
+        try:
+            return decode_record((await self._jobs.get(job_id)).value)
+        except NotFound:
+            raise UnknownJob(job_id) from None
+
+    async def agents(self) -> list[AgentHeartbeat]:
+        """The last heartbeat of every live agent."""
+        live = await self.stores.key_value(LIVENESS_BUCKET)
+        beats = []
+        for key in await live.keys():
+            with contextlib.suppress(NotFound, msgspec.DecodeError, msgspec.ValidationError):
+                beats.append(_HEARTBEAT.decode((await live.get(key)).value))
+        return sorted(beats, key=lambda b: (b.kind, b.agent_id))
+
+    async def stored_logs(self, job_id: str) -> AsyncIterator[JobLog]:
+        """The log batches stored so far for a job, in order."""
+        assert self._log is not None
+        with contextlib.suppress(NotFound):
+            async for stored in self._log.replay(JobLog.pattern(job_id)):
+                if isinstance(stored.event, JobLog):
+                    yield stored.event
+
+    # -- following --------------------------------------------------------------------------------------
+    async def follow(self, job_id: str, *, on_status: Callable[[JobStatus], Any] | None = None,
+                     on_log: Callable[[JobLog], Any] | None = None, logs: bool = True,
+                     submit: Callable[[], Any] | None = None, timeout: float | None = None) -> JobRecord:
+        """Stream a job's status changes and log batches until it ends; returns its final record.
+
+        With ``submit``, the subscriptions are made first and ``submit()`` is awaited after, so nothing the
+        job does is missed. Log batches already stored are replayed first; each is shown once. ``job_id``
+        is the full id (see :meth:`resolve`).
+        """
+        if submit is None:
+            job_id = await self.resolve(job_id)
+        seen: set[tuple[str, int, int]] = set()
+
+        def show(batch: JobLog) -> None:
+            key = (batch.agent_id, batch.attempt, batch.seq)
+            if key not in seen:
+                seen.add(key)
+                if on_log is not None:
+                    on_log(batch)
+
+        statuses = await self.bus.subscribe(JobStatus, key=job_id, max_pending=4096)
+        batches = await self.bus.subscribe(JobLog, key=job_id, max_pending=8192) if logs else None
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(statuses)
+            if batches is not None:
+                await stack.enter_async_context(batches)
+            if submit is not None:
+                await submit()
+            elif logs:
+                async for batch in self.stored_logs(job_id):
+                    show(batch)
+            done = asyncio.Event()
+
+            async def watch_statuses() -> None:
+                async for d in statuses:
+                    if on_status is not None:
+                        on_status(d.event)
+                    if d.event.state.terminal:
+                        done.set()
+                        return
+
+            async def watch_logs() -> None:
+                assert batches is not None
+                async for d in batches:
+                    show(d.event)
+
+            async def poll_record() -> None:
+                # A status published before we subscribed is not seen live: the record tells.
+                assert self._jobs is not None
+                while True:
+                    with contextlib.suppress(NotFound):
+                        if decode_record((await self._jobs.get(job_id)).value).state.terminal:
+                            done.set()
+                            return
+                    await asyncio.sleep(1.0)
+
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(watch_statuses()), tg.create_task(poll_record())]
+                if batches is not None:
+                    tasks.append(tg.create_task(watch_logs()))
+                try:
+                    async with asyncio.timeout(timeout):
+                        await done.wait()
+                finally:
+                    for task in tasks:
+                        task.cancel()
+        if logs:  # everything an agent logged was stored before it reported the exit
+            async for batch in self.stored_logs(job_id):
+                show(batch)
+        return await self.job(job_id)
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> JobRecord:
+        """Wait until a job ends (no output); returns its final record."""
+        return await self.follow(job_id, logs=False, timeout=timeout)
+

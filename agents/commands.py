@@ -1,0 +1,400 @@
+"""Launch's ``fedbus`` commands, registered through the ``fedbus.cli`` entry point as :data:`COMMANDS`.
+
+Daemons: ``fedbus agent gpu`` and ``fedbus agent scheduler`` (the ``agent`` group is shared with other
+packages). Clients: ``fedbus launch job.yaml [--follow]``, ``fedbus jobs``, ``fedbus job JOB``,
+``fedbus logs JOB [-f]``, ``fedbus cancel JOB``, ``fedbus agents``. Commands parse options and render; the
+work is done by :class:`~fedbus.agents.client.LaunchClient` and the agent classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from fedbus.bus.cli import server_option
+from fedbus.bus.console import configure_logging, err, fail, out, run_async
+from fedbus.bus.errors import ConfigError, FedbusError
+
+from .client import LaunchClient, exit_code_of, new_job_id
+from .config import AgentFile, load_agent_file
+from .events import AgentHeartbeat, JobLog, JobState, JobStatus
+from .gpu import GpuAgent, GpuAgentConfig
+from .jobspec import load_jobspec
+from .resources import DeclaredResources
+from .runtime import RuntimeConfig, configure_daemon_logging
+from .scheduler import SchedulerAgent, SchedulerAgentConfig
+from .scheduling import JobRecord, SchedulerConfig
+
+__all__ = ["COMMANDS"]
+
+_STATE_STYLE = {
+    JobState.QUEUED: "yellow", JobState.OFFERED: "yellow", JobState.AWARDED: "cyan",
+    JobState.STARTING: "cyan", JobState.RUNNING: "blue", JobState.SUCCEEDED: "green", JobState.FAILED: "red",
+    JobState.CANCELLED: "magenta", JobState.LOST: "red",
+}
+
+
+def _clock(t: float) -> str:
+    return datetime.fromtimestamp(t).strftime("%H:%M:%S")
+
+
+def _ago(t: float) -> str:
+    s = max(time.time() - t, 0)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", key="label")
+        labels[key] = value
+    return labels
+
+
+def _daemon(make: Callable[[], Any], json_logs: bool | None, level: str | None) -> None:
+    """Run an agent until SIGTERM/SIGINT; it drains and the process exits 0."""
+    configure_daemon_logging(json_logs=json_logs, level=level)
+    try:
+        agent = make()
+        asyncio.run(agent.run())
+    except FedbusError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+_common_daemon_options = [
+    click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Identity, key and work dirs. [default: ~/.fedbus/<agent-id>]"),
+    click.option("--agent-id", default=None, help="Stable id (letters, digits, '_', '-'); remembered."),
+    click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=None,
+                 help="Seconds between heartbeats. [default: 2]"),
+    click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+                 help="Port of /healthz and /metrics (0: any free port). [default: 0]"),
+    click.option("--trust", "trust", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Trusted-keys JSON file, e.g. the scheduler's public_key.json (repeatable); "
+                      "without it the scheduler's key is pinned on first use."),
+    click.option("--json-logs/--pretty-logs", default=None,
+                 help="Log format. [default: JSON unless a terminal]"),
+    click.option("--log-level", default=None, help="debug, info, warning, error. [default: info]"),
+]
+
+
+def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def _server(server: str, file: AgentFile) -> str:
+    """``--server``/``FEDBUS_SERVER`` when given, else the config file's, else the default."""
+    source = click.get_current_context().get_parameter_source("server")
+    if source is click.core.ParameterSource.DEFAULT and file.server:
+        return file.server
+    return server
+
+
+def _runtime(file: AgentFile, *, server: str, kind: str, state_dir: Path | None, agent_id: str | None,
+             heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...]) -> RuntimeConfig:
+    agent_id = agent_id or file.agent_id
+    default_dir = Path.home() / ".fedbus" / (agent_id or kind)
+    return RuntimeConfig(
+        server=_server(server, file), agent_id=agent_id,
+        state_dir=Path(state_dir or file.state_dir or default_dir).expanduser(),
+        heartbeat_s=heartbeat_s or file.heartbeat_s or 2.0,
+        health_port=health_port if health_port is not None else (file.health_port or 0),
+        trust=tuple(trust) or tuple(Path(p) for p in file.trust),
+    )
+
+
+@click.group("agent")
+def agent_group() -> None:
+    """Run a fedbus daemon (GPU node agent, scheduler, ...)."""
+
+
+@agent_group.command("gpu")
+@server_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Agent config YAML (see docs/launch.md); options override it.")
+@_with(_common_daemon_options)
+@click.option("--gpus", type=click.IntRange(0, 64), default=None, help="Declare N GPUs instead of detecting.")
+@click.option("--gpu-model", default=None, help="Declared GPU model (e.g. A100).")
+@click.option("--gpu-memory-gb", type=click.FloatRange(min=0), default=None)
+@click.option("--cpus", type=click.FloatRange(min=0), default=None, help="Declared CPUs (to share a node).")
+@click.option("--memory-gb", type=click.FloatRange(min=0), default=None, help="Declared memory.")
+@click.option("--disk-gb", type=click.FloatRange(min=0), default=None, help="Declared disk.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE placement label (repeatable).")
+@click.option("--price-per-hour", type=click.FloatRange(min=0), default=None,
+              help="Per GPU (per node for jobs without GPUs).")
+@click.option("--address", default=None, help="Address other nodes reach this one at (MASTER_ADDR).")
+@click.option("--scheduler-id", default=None, help="Agent id of the scheduler whose awards count.")
+@click.option("--probe-torch", is_flag=True,
+              help="Ask torch.cuda for GPUs when NVML and nvidia-smi find none.")
+def gpu_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
+            heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...],
+            json_logs: bool | None, log_level: str | None, gpus: int | None, gpu_model: str | None,
+            gpu_memory_gb: float | None, cpus: float | None, memory_gb: float | None, disk_gb: float | None,
+            labels: tuple[str, ...], price_per_hour: float | None, address: str | None,
+            scheduler_id: str | None, probe_torch: bool) -> None:
+    """Run a GPU node agent: bid on job offers, run awarded jobs, stream their logs (SIGTERM drains)."""
+
+    def make() -> GpuAgent:
+        file = load_agent_file(config_file)
+        res = file.resources
+        runtime = _runtime(file, server=server, kind="gpu", state_dir=state_dir, agent_id=agent_id,
+                           heartbeat_s=heartbeat_s, health_port=health_port, trust=trust)
+        declared = DeclaredResources(
+            gpus=gpus if gpus is not None else res.gpus, gpu_model=gpu_model or res.gpu_model,
+            gpu_memory_gb=gpu_memory_gb if gpu_memory_gb is not None else res.gpu_memory_gb,
+            cpus=cpus if cpus is not None else res.cpus,
+            memory_gb=memory_gb if memory_gb is not None else res.memory_gb,
+            disk_gb=disk_gb if disk_gb is not None else res.disk_gb)
+        config = GpuAgentConfig(
+            declared=declared, labels={**file.labels, **_labels(labels)},
+            price_per_hour=price_per_hour if price_per_hour is not None else (file.price_per_hour or 0.0),
+            address=address or file.address, scheduler_id=scheduler_id or file.scheduler_id or "scheduler",
+            probe_torch=probe_torch)
+        return GpuAgent(runtime, config)
+
+    _daemon(make, json_logs, log_level)
+
+
+@agent_group.command("scheduler")
+@server_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Agent config YAML; options override it.")
+@_with(_common_daemon_options)
+@click.option("--policy", type=click.Choice(["binpack", "spread", "lowest-cost"]), default=None,
+              help="Placement policy. [default: binpack]")
+@click.option("--bid-window", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+              help="Seconds agents have to bid on an offer.")
+@click.option("--lease", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="A running node unseen in heartbeats this long is lost (its job retried).")
+@click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="First retry delay (doubles per retry).")
+def scheduler_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
+                  heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...],
+                  json_logs: bool | None, log_level: str | None, policy: str | None, bid_window: float,
+                  lease: float, backoff: float) -> None:
+    """Run the scheduler: offers, bids, awards, leases, retries; jobs persist in JetStream."""
+
+    def make() -> SchedulerAgent:
+        file = load_agent_file(config_file)
+        runtime = _runtime(file, server=server, kind="scheduler", state_dir=state_dir,
+                           agent_id=agent_id or file.agent_id or "scheduler", heartbeat_s=heartbeat_s,
+                           health_port=health_port, trust=trust)
+        scheduling = SchedulerConfig(bid_window_s=bid_window, lease_s=lease, agent_ttl_s=lease,
+                                     backoff_s=backoff, warmup_s=max(runtime.heartbeat_s * 1.5, 0.5))
+        return SchedulerAgent(runtime, SchedulerAgentConfig(scheduling=scheduling,
+                                                            policy=policy or file.policy or "binpack"))
+
+    _daemon(make, json_logs, log_level)
+
+
+# -- clients --------------------------------------------------------------------------------------------
+def _print_status(status: JobStatus) -> None:
+    line = Text(f"{_clock(time.time())} ", style="dim")
+    line.append(f"{status.state.value:<10}", style=_STATE_STYLE.get(status.state, ""))
+    line.append(f" {status.reason}")
+    err.print(line)
+
+
+def _print_log(batch: JobLog, *, show_source: bool = True) -> None:
+    for entry in batch.lines:
+        prefix = f"[{batch.agent_id} r{entry.rank}] " if show_source else ""
+        style = "dim" if entry.stream == "system" else "red" if entry.stream == "stderr" else ""
+        out.print(Text(prefix, style="dim") + Text(entry.text, style=style))
+    if batch.dropped:
+        err.print(f"[yellow]({batch.dropped} lines dropped by {batch.agent_id})[/]", markup=True)
+
+
+@click.command("launch")
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@server_option
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream status and logs until the job ends; exit with its code.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --follow: give up after S seconds (exit 1; the job keeps going).")
+def launch_cmd(job_file: Path, server: str, follow: bool, timeout: float | None) -> None:
+    """Submit a job file; prints the job id."""
+    configure_logging()
+    try:
+        loaded = load_jobspec(job_file)
+    except FedbusError as exc:
+        fail(exc)
+
+    async def main() -> int:
+        async with LaunchClient(server) as client:
+            if not follow:
+                out.print(await client.submit(loaded))
+                return 0
+            job_id = new_job_id(loaded.spec.name)
+
+            async def submit() -> None:
+                await client.submit(loaded, job_id=job_id)
+                err.print(f"job [bold]{job_id}[/] submitted", markup=True)
+
+            try:
+                record = await client.follow(job_id, submit=submit, on_status=_print_status,
+                                             on_log=_print_log, timeout=timeout)
+            except TimeoutError:
+                err.print(f"[yellow]still running after {timeout:g}s[/]: fedbus job {job_id}", markup=True)
+                return 1
+            return exit_code_of(record)
+
+    raise SystemExit(run_async(main))
+
+
+def _jobs_table(records: list[JobRecord]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("JOB", "NAME", "STATE", "ATTEMPT", "AGENTS", "EXIT", "AGE", "REASON"):
+        table.add_column(column, overflow="fold" if column == "REASON" else "ellipsis",
+                         no_wrap=column != "REASON")
+    for rec in records:
+        table.add_row(rec.job_id, rec.spec.name, Text(rec.state.value, style=_STATE_STYLE.get(rec.state, "")),
+                      str(rec.attempt), ",".join(rec.agents) or "-",
+                      "-" if rec.exit_code is None else str(rec.exit_code), _ago(rec.created), rec.reason)
+    return table
+
+
+@click.command("jobs")
+@server_option
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]),
+              help="Only jobs in this state (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def jobs_cmd(server: str, states: tuple[str, ...], limit: int) -> None:
+    """List jobs, newest first."""
+    configure_logging()
+
+    async def main() -> None:
+        async with LaunchClient(server) as client:
+            records = [r for r in await client.jobs() if not states or r.state.value in states][:limit]
+        if not records:
+            err.print("no jobs")
+            return
+        out.print(_jobs_table(records))
+
+    run_async(main)
+
+
+@click.command("job")
+@click.argument("job_id")
+@server_option
+def job_cmd(job_id: str, server: str) -> None:
+    """Show one job: state, why it is waiting, placements, history."""
+    configure_logging()
+
+    async def main() -> None:
+        async with LaunchClient(server) as client:
+            rec = await client.job(job_id)
+        spec = rec.spec
+        c = spec.computing
+        out.print(Text.assemble(("job ", "bold"), (rec.job_id, "bold"), "  ",
+                                (rec.state.value, _STATE_STYLE.get(rec.state, "") + " bold")))
+        if rec.reason:
+            label = "why waiting" if rec.state in (JobState.QUEUED, JobState.OFFERED) else "reason"
+            out.print(f"  {label}: {rec.reason}")
+        out.print(f"  name {spec.name}, submitted {_ago(rec.created)} by {rec.submitted_by or '?'}")
+        out.print(f"  needs {c.nodes} node(s) × {c.gpus_per_node} GPU(s)"
+                  + (f" ({c.resource_type})" if c.resource_type else "")
+                  + f", {c.cpus_per_node:g} CPUs, {c.min_memory_gb:g} GB memory"
+                  + (f", ≤ {c.max_cost_per_hour:g}/h" if c.max_cost_per_hour is not None else ""))
+        out.print(f"  attempt {rec.attempt}, retries used {rec.retries_used} of {spec.retries}"
+                  + (f", exit code {rec.exit_code}" if rec.exit_code is not None else ""))
+        for p in rec.placements:
+            out.print(f"  node {p.node_rank}: {p.agent_id} ({p.address or '?'}) {p.phase}"
+                      + (f" with {p.exit_code}" if p.exit_code is not None else ""))
+        table = Table(box=None, header_style="bold", title="history", title_justify="left")
+        for column in ("TIME", "STATE", "ATTEMPT", "REASON"):
+            table.add_column(column, overflow="fold")
+        for t in rec.history:
+            state = Text(t.state.value, style=_STATE_STYLE.get(t.state, ""))
+            table.add_row(_clock(t.t), state, str(t.attempt), t.reason)
+        out.print(table)
+
+    run_async(main)
+
+
+@click.command("logs")
+@click.argument("job_id")
+@server_option
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+def logs_cmd(job_id: str, server: str, follow: bool) -> None:
+    """Print a job's output (stored, then live with -f)."""
+    configure_logging()
+
+    async def main() -> None:
+        async with LaunchClient(server) as client:
+            job_id_full = await client.resolve(job_id)
+            if follow:
+                await client.follow(job_id_full, on_log=_print_log)
+            else:
+                async for batch in client.stored_logs(job_id_full):
+                    _print_log(batch)
+
+    run_async(main)
+
+
+@click.command("cancel")
+@click.argument("job_id")
+@server_option
+@click.option("--reason", default="cancelled by user", show_default=True)
+def cancel_cmd(job_id: str, server: str, reason: str) -> None:
+    """Cancel a job, whatever its state."""
+    configure_logging()
+
+    async def main() -> None:
+        async with LaunchClient(server) as client:
+            full = await client.cancel(job_id, reason=reason)
+        err.print(f"cancel requested for {full}")
+
+    run_async(main)
+
+
+def _agents_table(beats: list[AgentHeartbeat]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("AGENT", "KIND", "STATUS", "GPUS FREE", "MODEL", "CPUS FREE", "MEM FREE GB", "PRICE/H",
+                   "JOBS", "ADDRESS"):
+        table.add_column(column, no_wrap=True)
+    for hb in beats:
+        cap = hb.capacity
+        table.add_row(
+            hb.agent_id, hb.kind, hb.status,
+            f"{cap.free_gpus}/{cap.gpus}" if cap else "-", (cap.gpu_model or "-") if cap else "-",
+            f"{cap.free_cpus:g}/{cap.cpus:g}" if cap else "-",
+            f"{cap.free_memory_gb:g}/{cap.memory_gb:g}" if cap else "-",
+            f"{cap.price_per_hour:g}" if cap else "-", ",".join(j.job_id for j in hb.jobs) or "-",
+            hb.address or "-")
+    return table
+
+
+@click.command("agents")
+@server_option
+def agents_cmd(server: str) -> None:
+    """List live agents and their free capacity."""
+    configure_logging()
+
+    async def main() -> None:
+        async with LaunchClient(server) as client:
+            beats = await client.agents()
+        if not beats:
+            err.print("no live agents")
+            return
+        out.print(_agents_table(beats))
+
+    run_async(main)
+
+
+COMMANDS: list[click.Command] = [agent_group, launch_cmd, jobs_cmd, job_cmd, logs_cmd, cancel_cmd, agents_cmd]

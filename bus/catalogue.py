@@ -1,0 +1,91 @@
+"""Core event types of the bus itself: liveness, a ping/pong round trip, signed notices, durable records.
+
+Other packages declare their own event types in their own modules and list them under the ``fedbus.events``
+entry point group, so that ``fedbus events``, ``fedbus tail`` and ``fedbus publish`` know them.
+Append new core event types below; keep each one small and documented.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .events import Event, Params, event
+
+__all__ = [
+    "EdgeMetrics", "EdgeStatus", "Heartbeat", "MetricPoint", "Notice", "Ping", "Pong", "Record",
+]
+
+
+@event("bus", "heartbeat", key="agent_id")
+class Heartbeat(Event):
+    """An agent is alive. Unsigned, not durable: a missed one is replaced by the next."""
+
+    agent_id: str
+    seq: int = 0
+    role: str = "agent"
+    labels: Params = {}
+
+
+@event("bus", "ping", key="agent_id")
+class Ping(Event):
+    """A request to the agent ``agent_id``; it answers with a :class:`Pong`."""
+
+    agent_id: str
+    text: str = ""
+
+
+@event("bus", "pong", key="agent_id")
+class Pong(Event):
+    """The answer to a :class:`Ping`; ``agent_id`` is the agent that answers."""
+
+    agent_id: str
+    text: str = ""
+    rtt_hint_us: int = 0
+
+
+@event("bus", "notice", key="agent_id", signed=True)
+class Notice(Event):
+    """An authenticated announcement; strict buses drop it unless signed by a trusted key."""
+
+    agent_id: str
+    text: str
+
+
+@event("bus", "record", key="topic", durable=True)
+class Record(Event):
+    """A fact that must not be lost: stored in a JetStream stream, re-readable with ``fedbus replay``."""
+
+    topic: str
+    text: str
+    fields: Params = {}
+
+
+@event("edge", "status", key="device_id")
+class EdgeStatus(Event):
+    """An edge device's presence, retained on its MQTT status topic: ``online`` when it connects, and
+    ``online=False`` as its last will (published by the broker when the device vanishes) or when it closes.
+    Unsigned: the will is sent by the broker at an unknown later time, outside any replay window."""
+
+    device_id: str
+    online: bool
+    sdk: str = ""
+    info: Params = {}
+
+
+class MetricPoint(msgspec.Struct, kw_only=True, frozen=True):
+    """One telemetry value: ``time`` in ns since the epoch, ``step`` when the device counts steps."""
+
+    name: str
+    value: float
+    time: int
+    step: int | None = None
+
+
+@event("edge", "metrics", key="device_id")
+class EdgeMetrics(Event):
+    """A batch of telemetry points from an edge device (the SDK flushes every N points or T seconds).
+    ``seq`` counts the device's batches; the envelope id is the batch's idempotency key."""
+
+    device_id: str
+    seq: int
+    points: list[MetricPoint] = []
