@@ -51,9 +51,9 @@ class Security(enum.Enum):
     """Additionally, event types declared ``signed`` must be signed by a trusted key and not replayed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses construct ~3x slower, and this is on every receive
 class Delivery(Generic[E]):
-    """One received event with its envelope and where it came from."""
+    """One received event with its envelope and where it came from (treat as read-only)."""
 
     subject: str
     envelope: Envelope

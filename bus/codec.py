@@ -36,37 +36,47 @@ __all__ = ["Codec", "Envelope", "Limits", "new_id", "signing_bytes"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits → 2 characters
-_RAND_MAX = (1 << 80) - 1
+_COUNTER_MAX = (1 << 20) - 1
 
 
 class _UlidSource:
-    """Monotonic ULIDs: 48 bits of milliseconds (10 chars), 80 random bits (16 chars) incremented within a ms."""
+    """Monotonic ULIDs: 48 bits of milliseconds, then 80 bits: 60 random per millisecond and a 20-bit counter.
+
+    The 24-character prefix is built once per millisecond; each id then costs one counter step (this sits on
+    every publish). Ids made in one process sort in creation order; across processes, by millisecond.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
-        self._time_part = ""
-        self._rand = 0
+        self._prefix = ""
+        self._counter = 0
+
+    def _new_prefix(self, ms: int) -> None:
+        chars = []
+        value = ms
+        for _ in range(10):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        rand = int.from_bytes(os.urandom(8), "big") >> 4  # 60 bits = 12 characters
+        p = _PAIRS
+        self._prefix = ("".join(reversed(chars)) + p[rand >> 50] + p[(rand >> 40) & 1023]
+                        + p[(rand >> 30) & 1023] + p[(rand >> 20) & 1023] + p[(rand >> 10) & 1023]
+                        + p[rand & 1023])
+        self._last_ms = ms
+        self._counter = 0
 
     def __call__(self) -> str:
         with self._lock:
             ms = time.time_ns() // 1_000_000
             if ms > self._last_ms:
-                self._last_ms = ms
-                self._rand = int.from_bytes(os.urandom(10), "big") >> 1  # leave room to increment
-                chars = []
-                for _ in range(10):
-                    chars.append(_CROCKFORD[ms & 31])
-                    ms >>= 5
-                self._time_part = "".join(reversed(chars))
-            else:  # same millisecond (or the clock stepped back): keep sorting by incrementing
-                self._rand = (self._rand + 1) & _RAND_MAX
-            rand = self._rand
-            time_part = self._time_part
-        p = _PAIRS
-        return time_part + (p[rand >> 70] + p[(rand >> 60) & 1023] + p[(rand >> 50) & 1023]
-                            + p[(rand >> 40) & 1023] + p[(rand >> 30) & 1023] + p[(rand >> 20) & 1023]
-                            + p[(rand >> 10) & 1023] + p[rand & 1023])
+                self._new_prefix(ms)
+            elif self._counter < _COUNTER_MAX:  # same millisecond, or the clock stepped back
+                self._counter += 1
+            else:  # a million ids in one millisecond: borrow the next one to stay sorted
+                self._new_prefix(self._last_ms + 1)
+            c = self._counter
+            return self._prefix + _PAIRS[c >> 10] + _PAIRS[c & 1023]
 
 
 new_id = _UlidSource()
