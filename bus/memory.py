@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from types import TracebackType
-from typing import Self
 
 from . import subjects
 from .errors import ClosedError, NoResponders, RequestTimeout
-from .transport import Capabilities, Frame, Subscription
+from .transport import Capabilities, Frame, Subscription, TransportBase
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -61,7 +59,7 @@ class _MemorySubscription(Subscription):
         self.end()
 
 
-class MemoryTransport:
+class MemoryTransport(TransportBase):
     """A client of a :class:`MemoryBroker`."""
 
     name = "memory"
@@ -125,12 +123,3 @@ class MemoryTransport:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

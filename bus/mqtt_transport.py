@@ -23,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import aiomqtt
 import structlog
-
 from fedbus.edge_sdk import errors as edge_errors
 from fedbus.edge_sdk.link import LinkOptions, MqttLink, Route, Will
 
@@ -43,7 +40,7 @@ from .errors import (
     TransportError,
     map_exceptions,
 )
-from .transport import Capabilities, Frame, Subscription
+from .transport import Capabilities, Frame, Subscription, TransportBase
 
 __all__ = ["LastWill", "MqttTransport"]
 
@@ -95,7 +92,7 @@ class _MqttSubscription(Subscription):
         self.end()
 
 
-class MqttTransport:
+class MqttTransport(TransportBase):
     """A client of an MQTT 3.1.1 broker at ``url`` (``mqtt://host:port``, ``mqtts://`` for TLS)."""
 
     name = "mqtt"
@@ -233,12 +230,3 @@ class MqttTransport:
             sub.route = None
             sub.end()
         self._subs.clear()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

@@ -7,9 +7,8 @@ Reconnects forever with jittered backoff; publishes made while the broker is awa
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
-from typing import Any, Self
 
 import nats
 import nats.errors
@@ -29,7 +28,7 @@ from .errors import (
     SubjectError,
     map_exceptions,
 )
-from .transport import Capabilities, Frame, Subscription
+from .transport import Capabilities, Frame, Subscription, TransportBase
 
 __all__ = ["NatsTransport"]
 
@@ -61,7 +60,7 @@ class _NatsSubscription(Subscription):
         self.end()
 
 
-class NatsTransport:
+class NatsTransport(TransportBase):
     """A connection to one NATS server or cluster (``url`` may list several, comma-separated)."""
 
     name = "nats"
@@ -229,12 +228,3 @@ class NatsTransport:
         for sub in self._subs:
             sub.end()
         self._subs.clear()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

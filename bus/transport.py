@@ -19,7 +19,7 @@ import structlog
 
 from .errors import ClosedError
 
-__all__ = ["Capabilities", "Frame", "Subscription", "Transport"]
+__all__ = ["Capabilities", "Frame", "Subscription", "Transport", "TransportBase"]
 
 log = structlog.get_logger("fedbus.bus")
 
@@ -131,6 +131,25 @@ class Subscription:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.unsubscribe()
+
+
+class TransportBase:
+    """What every transport implementation shares: ``async with`` connects, and closes on the way out."""
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 @runtime_checkable
