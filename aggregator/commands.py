@@ -1,0 +1,313 @@
+"""``fedbus fl run|client`` and ``fedbus agent aggregator``, registered through the ``fedbus.cli`` entry
+point.
+
+::
+
+    fedbus fl run examples/fl-digits.yaml --simulate 10               # 10 clients, in-memory broker
+    fedbus fl run examples/fl-digits.yaml --simulate 10 --server nats://127.0.0.1:4222   # same, real broker
+    fedbus agent aggregator examples/fl-digits.yaml --server nats://…  # deployed: the aggregator alone
+    fedbus fl client examples/fl-digits.yaml --index 3 --server nats://…  # deployed: client 3 of 10
+
+Commands parse options and render; the work is in :mod:`~fedbus.aggregator.federation` (simulation),
+:mod:`~fedbus.aggregator.server` and :mod:`~fedbus.aggregator.client`. Training needs the ``ml`` extra
+(torch); it is imported only by the commands that train or build a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from fedbus.bus.cli import server_option
+from fedbus.bus.client import Bus, Security
+from fedbus.bus.connect import transport_for
+from fedbus.bus.console import configure_logging, err, fail, out, run_async
+from fedbus.bus.errors import ConfigError, FedbusError
+from fedbus.bus.signing import AgentKey, KeyRing
+
+from .config import FlConfig, load_config
+from .federation import SimulationOptions, client_id, open_object_store, simulate, watch
+from .progress import ProgressView, metrics_table
+from .server import Aggregator, RunResult
+
+__all__ = ["COMMANDS"]
+
+
+def _prepare(config: FlConfig, clients: int) -> Any:
+    try:
+        from fedbus.trainer.setup import prepare
+    except ImportError as exc:  # pragma: no cover - the ml extra is missing
+        fail(ConfigError(f"training needs the ml extra (pip install 'fedbus[ml]'): {exc}"))
+    return prepare(config, clients=clients)
+
+
+def _report(result: RunResult, *, as_json: bool, onnx: Path | None, federation: Any) -> None:
+    final = dict(result.history[-1]) if result.history else {}
+    if result.epsilon is not None:
+        final["epsilon"] = result.epsilon
+    if onnx is not None:
+        from fedbus.trainer.export import export_onnx, verify_onnx
+        from fedbus.trainer.models import set_flat
+
+        model = federation.new_model()
+        set_flat(model, result.model)
+        export_onnx(model, onnx, features=federation.train.features)
+        final["onnx"] = str(onnx)
+        final["onnx_max_abs_diff"] = verify_onnx(onnx, model, federation.test.x[:64])
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "status": result.status,
+                    "version": result.version,
+                    "rounds": result.rounds,
+                    "final": final,
+                    "history": result.history,
+                }
+            )
+        )
+    else:
+        out.print(
+            metrics_table(final, title=f"final metrics (version {result.version}, {result.rounds} rounds)")
+        )
+
+
+@click.group("fl")
+def fl() -> None:
+    """Federated learning: run a federation described in fl.yaml."""
+
+
+@fl.command("run")
+@click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--simulate",
+    "-n",
+    "simulate_n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run N clients in this process (same agents as a deployment).",
+)
+@click.option(
+    "--server",
+    default=None,
+    envvar="FEDBUS_SERVER",
+    help="Broker URL. With --simulate the default is an in-memory broker.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoints and lineage when the broker has no object store.",
+)
+@click.option(
+    "--export-onnx",
+    "onnx",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the final model to this ONNX file (checked with onnxruntime).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics and history as JSON.")
+@click.option("--log-level", default=None, help="Library log level (default: warning).")
+def run_cmd(
+    config_path: Path,
+    simulate_n: int | None,
+    server: str | None,
+    state_dir: Path | None,
+    onnx: Path | None,
+    as_json: bool,
+    log_level: str | None,
+) -> None:
+    """Run the federation in CONFIG_PATH; with --simulate N, with N clients in this process."""
+    configure_logging(log_level)
+    try:
+        config = load_config(config_path)
+    except FedbusError as exc:
+        fail(exc)
+    if simulate_n is None:
+        _serve_aggregator(config, server, state_dir, as_json, _prepare(config, config.clients.count).initial)
+        return
+    federation = _prepare(config, simulate_n)
+    import torch
+
+    torch.set_num_threads(1)  # N clients train in parallel threads; one BLAS thread each
+
+    async def main() -> RunResult:
+        options = SimulationOptions(server=server, state_dir=state_dir)
+        with ProgressView(
+            err, config.settings.rounds, title=f"{config.settings.run_id} ({simulate_n} clients)"
+        ) as view:
+            return await simulate(
+                config,
+                federation.trainers,
+                federation.initial,
+                options=options,
+                evaluate_fn=federation.evaluate,
+                on_event=view,
+            )
+
+    result = run_async(main)
+    _report(result, as_json=as_json, onnx=onnx, federation=federation)
+
+
+def _serve_aggregator(
+    config: FlConfig,
+    server: str | None,
+    state_dir: Path | None,
+    as_json: bool,
+    initial: np.ndarray,
+    trust: Path | None = None,
+) -> None:
+    """The aggregator alone, for clients running elsewhere."""
+    s = config.settings
+    keyring = KeyRing.load(trust) if trust else KeyRing()
+
+    async def main() -> RunResult:
+        security = Security.STRICT if trust else Security.VERIFY
+        bus = Bus(
+            transport_for(server, client_id=f"aggregator-{s.run_id}"),
+            source=f"aggregator-{s.run_id}",
+            keyring=keyring,
+            security=security,
+        )
+        async with bus:
+            fallback = state_dir or Path(tempfile.gettempdir()) / "fedbus-fl"
+            store = await open_object_store(bus, fallback=fallback)
+            agg = Aggregator(
+                bus,
+                settings=s,
+                strategy=config.build_strategy(config.clients.count),
+                initial_model=initial,
+                store=store,
+                client_config=config.client_config(),
+                secure=config.secure,
+                trust_on_first_use=trust is None,
+            )
+            with ProgressView(err, s.rounds, title=f"{s.run_id} (aggregator)") as view:
+                watcher = Bus(
+                    transport_for(server, client_id=f"watch-{s.run_id}"), source=f"watch-{s.run_id}"
+                )
+                async with watcher, asyncio.TaskGroup() as tg:
+                    ready = asyncio.Event()
+                    tg.create_task(watch(watcher, s.run_id, view, ready=ready))
+                    await ready.wait()
+                    return await agg.run()
+
+    result = run_async(main)
+    _report(result, as_json=as_json, onnx=None, federation=None)
+
+
+@fl.command("client")
+@click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--index", type=click.IntRange(min=0), required=True, help="This client's data partition.")
+@click.option(
+    "--clients", type=click.IntRange(min=1), default=None, help="Partitions (default clients.count)."
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ed25519 key to sign updates with (created if missing).",
+)
+@click.option("--log-level", default=None)
+@server_option
+def client_cmd(
+    config_path: Path,
+    index: int,
+    clients: int | None,
+    key_path: Path | None,
+    log_level: str | None,
+    server: str,
+) -> None:
+    """Run one client of the federation in CONFIG_PATH (a silo, or a client job launched by the scheduler)."""
+    configure_logging(log_level)
+    try:
+        config = load_config(config_path)
+    except FedbusError as exc:
+        fail(exc)
+    n = clients or config.clients.count
+    if index >= n:
+        fail(ConfigError(f"index {index} is not below the {n} partitions", key="--index"))
+    federation = _prepare(config, n)
+    s = config.settings
+    key = AgentKey.load_or_create(key_path) if key_path else AgentKey.generate()
+    from .client import FlClient
+
+    async def main() -> None:
+        bus = Bus(transport_for(server, client_id=client_id(index)), source=client_id(index), key=key)
+        async with bus:
+            store = await open_object_store(bus, fallback=Path(tempfile.gettempdir()) / "fedbus-fl")
+            stats = await FlClient(
+                bus,
+                federation.trainers[index],
+                run_id=s.run_id,
+                heartbeat_s=s.heartbeat_s,
+                store=store,
+                inline_limit=s.inline_limit,
+            ).run()
+            err.print(
+                f"{client_id(index)}: {stats.status}, {stats.fits} fits, {stats.evaluations} evaluations"
+            )
+
+    run_async(main)
+
+
+@click.group("agent")
+def agent() -> None:
+    """Run a long-lived fedbus agent."""
+
+
+@agent.command("aggregator")
+@click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoints and lineage when the broker has no object store.",
+)
+@click.option(
+    "--trust",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Trusted client keys (JSON); updates must then be signed by one of them.",
+)
+@click.option(
+    "--initial-model",
+    "initial_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Initial global model (.npy, flat float32); else built from the config (needs torch).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--log-level", default=None)
+@server_option
+def aggregator_cmd(
+    config_path: Path,
+    state_dir: Path | None,
+    trust: Path | None,
+    initial_path: Path | None,
+    as_json: bool,
+    log_level: str | None,
+    server: str,
+) -> None:
+    """The aggregator of the federation in CONFIG_PATH; resumes from its checkpoint after a restart."""
+    configure_logging(log_level)
+    try:
+        config = load_config(config_path)
+    except FedbusError as exc:
+        fail(exc)
+    if initial_path is not None:
+        initial = np.load(initial_path, allow_pickle=False).astype(np.float32).ravel()
+    else:
+        initial = _prepare(config, config.clients.count).initial
+    _serve_aggregator(config, server, state_dir, as_json, initial, trust)
+
+
+COMMANDS: list[click.Command] = [fl, agent]
+"""The commands this package adds to ``fedbus`` (the ``fedbus.cli`` entry point)."""
