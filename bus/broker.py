@@ -4,7 +4,7 @@ MQTT listener on, started as a child process on free ports. ``fedbus up``, ``mak
 ::
 
     with NatsServer(data_dir=tmp) as server:       # ports picked for you when the defaults are taken
-        print(server.url, server.mqtt_url)
+        connect_agents(server.url, server.mqtt_url)
 
     with NatsCluster(size=3, data_dir=tmp) as cluster:   # JetStream replicated across 3 nodes
         cluster.kill(0)
