@@ -97,7 +97,9 @@ class _Console:
         self.started = time.monotonic()
 
     def say(self, who: str, what: str, *, style: str = "") -> None:
-        print(f"  {time.monotonic() - self.started:6.2f}s  {who:<10} {what}")
+        from fedbus.bus.console import out
+
+        out.print(f"  {time.monotonic() - self.started:6.2f}s  {who:<10} {what}", style=style, markup=False)
 
 
 def main() -> int:
