@@ -16,10 +16,10 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import subjects
+from ._store_base import ConsumerBase, EventLogBase, StoresBase, require_durable
 from .client import Bus
 from .codec import Envelope, new_id
 from .errors import ClosedError, Conflict, NotFound, StoreError
@@ -220,15 +220,14 @@ class _MemoryDelivery(Generic[E]):
             lease.deadline = time.monotonic() + self._state.ack_wait
 
 
-class _MemoryConsumer(Generic[E]):
+class _MemoryConsumer(ConsumerBase[_MemoryDelivery[E]]):
     def __init__(self, log_: MemoryEventLog, cls: type[E], state_args: dict[str, Any]) -> None:
+        super().__init__()
         self._log = log_
         self._cls = cls
         self._args = state_args
         self._state: _ConsumerState | None = None
         self._stream: _Stream | None = None
-        self._closed = False
-        self.dropped = 0
 
     async def _open(self) -> tuple[_ConsumerState, _Stream]:
         if self._closed:
@@ -269,34 +268,12 @@ class _MemoryConsumer(Generic[E]):
             wakes = [t for t in (taken, deadline) if t is not None]
             await stream.changed.wait(max(min(wakes) - now, 0.0) if wakes else None)
 
-    def __aiter__(self) -> AsyncIterator[_MemoryDelivery[E]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[_MemoryDelivery[E]]:
-        while not self._closed:
-            try:
-                yield await self.next()
-            except ClosedError:
-                return
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    async def _release(self) -> None:
         if self._stream is not None:
             self._stream.changed.notify()
 
-    async def __aenter__(self) -> Self:
-        await self._open()
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-
-class MemoryEventLog:
+class MemoryEventLog(EventLogBase):
     """:class:`~fedbus.bus.stores.EventLog` in memory, shared by every bus on the same memory broker."""
 
     def __init__(self, hub: MemoryHub, bus: Bus, *, duplicate_window: float = 120.0) -> None:
@@ -308,8 +285,7 @@ class MemoryEventLog:
         """Create (or extend) the streams of these durable event types (all durable ones if none given)."""
         chosen = classes or tuple(c for c in self.bus.codec.catalogue if c.spec.durable)
         for cls in chosen:
-            if not cls.spec.durable:
-                raise StoreError(f"{cls.spec.type} is not declared durable=True; it has no stream")
+            require_durable(cls)
             name = stream_name(cls.spec.domain)
             stream = self.hub.streams.get(name)
             if stream is None:
@@ -318,16 +294,6 @@ class MemoryEventLog:
             if pattern not in stream.patterns:
                 stream.patterns.append(pattern)
                 self.hub.broker.attach(_Capture(self.hub, stream, pattern))
-
-    async def publish(self, event: Event, *, trace: str | None = None) -> Envelope:
-        """Store ``event`` (and deliver it to core subscribers); returns its envelope."""
-        env = self.bus.envelope(event, trace=trace)
-        await self._publish(event, env)
-        return env
-
-    async def publish_envelope(self, env: Envelope) -> PublishAck:
-        """(Re)publish an envelope; a retry of a stored one is reported ``duplicate`` and not stored again."""
-        return await self._publish(self.bus.codec.decode(env), env)
 
     async def publish_many(self, events: Iterable[Event], *, trace: str | None = None) -> list[Envelope]:
         """Publish many events; returns their envelopes once all are stored."""
@@ -510,7 +476,7 @@ def hub_for(broker: MemoryBroker) -> MemoryHub:
     return hub
 
 
-class MemoryStores:
+class MemoryStores(StoresBase):
     """The memory backend of :func:`~fedbus.bus.stores.open_stores`."""
 
     def __init__(self, hub: MemoryHub, bus: Bus, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -548,13 +514,3 @@ class MemoryStores:
 
     async def streams(self) -> list[StreamStats]:
         return await self._log.streams()
-
-    async def close(self) -> None:
-        """Nothing to release; here so both backends close alike."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
