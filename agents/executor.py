@@ -1,6 +1,7 @@
 """Running one node of a job: ``bootstrap``, then ``job`` (``processes_per_node`` copies), as subprocesses.
 
-Each command runs through ``bash -c`` in its own process group (``start_new_session``), with the job's env,
+Each command runs through ``bash -c`` in its own process group (``start_new_session``), with the agent's
+defaults for every job (:func:`agent_env`: the broker URL and the agent's Python), the job's env over them,
 torchrun-style rendezvous variables and ``CUDA_VISIBLE_DEVICES``. Output lines go to a sink as they come.
 When one copy of ``job`` fails, the others are stopped (as torchrun does). Stopping is SIGTERM to the whole
 group, then SIGKILL after the grace period; whatever is left of a group is killed when it ends, so no
@@ -14,7 +15,8 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +27,7 @@ import structlog
 from .jobspec import JobSpec
 
 __all__ = ["ExitResult", "InstantRunner", "Launch", "LineSink", "Runner", "SubprocessRunner",
-           "reap_orphans", "rendezvous_env"]
+           "agent_env", "reap_orphans", "rendezvous_env"]
 
 log = structlog.get_logger("fedbus.agents.executor")
 
@@ -89,6 +91,13 @@ def rendezvous_env(launch: Launch, local_rank: int) -> dict[str, str]:
     }
 
 
+def agent_env(server: str, *, python: str | None = None) -> dict[str, str]:
+    """What an agent tells every job it runs: ``FEDBUS_SERVER`` (the broker URL the agent itself uses) and
+    ``FEDBUS_PYTHON`` (the agent's interpreter, so ``"$FEDBUS_PYTHON" -m fedbus.bus.cli`` runs the same
+    fedbus even when its ``bin`` folder is not on the job's ``PATH``). A job's own ``env`` overrides both."""
+    return {"FEDBUS_SERVER": server, "FEDBUS_PYTHON": python or sys.executable}
+
+
 def _code(returncode: int | None) -> int:
     if returncode is None:
         return _STOPPED
@@ -99,14 +108,16 @@ class SubprocessRunner:
     """The real runner: subprocesses in their own process groups.
 
     With ``pid_dir``, the process groups of each running job are written there, so that an agent killed
-    with SIGKILL can reap what it left behind when it starts again (:func:`reap_orphans`).
+    with SIGKILL can reap what it left behind when it starts again (:func:`reap_orphans`). ``env`` is set
+    for every job (usually :func:`agent_env`), over the agent's own environment and under the job's ``env``.
     """
 
     def __init__(self, *, grace_s: float = 10.0, shell: str | None = None,
-                 pid_dir: Path | None = None) -> None:
+                 pid_dir: Path | None = None, env: Mapping[str, str] | None = None) -> None:
         self.grace_s = grace_s
         self.shell = shell or shutil.which("bash") or "/bin/sh"
         self.pid_dir = pid_dir
+        self.env = dict(env or {})
 
     async def run(self, launch: Launch, sink: LineSink, *, started: Callable[[], Awaitable[None]],
                   stop: asyncio.Event) -> ExitResult:
@@ -120,7 +131,7 @@ class SubprocessRunner:
     async def _run(self, launch: Launch, sink: LineSink, started: Callable[[], Awaitable[None]],
                    stop: asyncio.Event, pids: Path | None) -> ExitResult:
         spec = launch.spec
-        base = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        base = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **spec.env}
         if spec.bootstrap:
             sink("system", 0, "running bootstrap")
             result = await self._group([(spec.bootstrap, {**base, **rendezvous_env(launch, 0)}, 0)],

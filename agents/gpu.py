@@ -45,7 +45,7 @@ from .events import (
     JobStop,
     ReportPhase,
 )
-from .executor import ExitResult, Launch, Runner, SubprocessRunner, reap_orphans
+from .executor import ExitResult, Launch, Runner, SubprocessRunner, agent_env, reap_orphans
 from .ledger import Ledger
 from .logship import LogShipper
 from .placement import node_cost
@@ -106,7 +106,8 @@ class GpuAgent(Agent):
         super().__init__(config, transport=transport)
         self.gpu = gpu or GpuAgentConfig()
         self.pid_dir = self.state_dir / "pids"
-        self.runner: Runner = runner or SubprocessRunner(grace_s=self.gpu.stop_grace_s, pid_dir=self.pid_dir)
+        self.runner: Runner = runner or SubprocessRunner(grace_s=self.gpu.stop_grace_s, pid_dir=self.pid_dir,
+                                                         env=agent_env(resolve_url(config.server)))
         self.resources = resources
         self.ledger: Ledger | None = None
         self.jobs_dir = self.state_dir / "jobs"

@@ -398,7 +398,8 @@ class Aggregator:
         )
         if resuming:
             assert progress is not None
-            fit.aggregate.restore(progress.aggregate)
+            if progress.aggregate:  # empty when the round was checkpointed before anything was folded
+                fit.aggregate.restore(progress.aggregate)
             fit.received = list(progress.received)
         else:
             self.state.progress = RoundProgress(

@@ -14,12 +14,14 @@ import pytest
 import fedbus.agents as agents
 from fedbus.agents.errors import JobSpecError, WorkspaceError
 from fedbus.agents.events import JobLog
-from fedbus.agents.executor import Launch, SubprocessRunner, reap_orphans
+from fedbus.agents.executor import Launch, SubprocessRunner, agent_env, reap_orphans
+from fedbus.agents.gpu import GpuAgent
 from fedbus.agents.jobspec import Computing, JobSpec, load_jobspec, parse_jobspec
 from fedbus.agents.ledger import Ledger
 from fedbus.agents.logship import LogShipper
 from fedbus.agents.metrics import Metrics
 from fedbus.agents.resources import DeclaredResources, detect_resources
+from fedbus.agents.runtime import RuntimeConfig
 from fedbus.agents.workspace import pack, unpack
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-job" / "job.yaml"
@@ -116,6 +118,29 @@ async def test_runner_sets_rendezvous_env_per_process(tmp_path: Path) -> None:
     assert out == ["2/4 local=0 node=1 cvd=2,3 10.1.1.1:29500 3 y",
                    "3/4 local=1 node=1 cvd=2,3 10.1.1.1:29500 3 y"]
     assert sorted(rank for stream, rank, _ in lines if stream == "stderr") == [2, 3]
+
+
+async def test_jobs_get_the_agents_broker_and_python_unless_their_env_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDBUS_SERVER", "nats://from-the-agents-own-environ:1")  # the agent's --server wins
+    lines: list[tuple[str, int, str]] = []
+
+    async def nothing() -> None:
+        return None
+
+    runner = SubprocessRunner(grace_s=1, env=agent_env("nats://10.0.0.5:4222", python="/opt/py/bin/python"))
+    command = 'echo "$FEDBUS_SERVER $FEDBUS_PYTHON"'
+    for spec in (JobSpec(job=command), JobSpec(job=command, env={"FEDBUS_SERVER": "nats://mine:4222"})):
+        result = await runner.run(_launch(tmp_path, spec), lambda *a: lines.append(a), started=nothing,
+                                  stop=asyncio.Event())
+        assert result.code == 0
+    assert [text for stream, _, text in lines if stream == "stdout"] == [
+        "nats://10.0.0.5:4222 /opt/py/bin/python", "nats://mine:4222 /opt/py/bin/python"]
+    assert agent_env("nats://b:1") == {"FEDBUS_SERVER": "nats://b:1", "FEDBUS_PYTHON": sys.executable}
+    # The GPU agent hands its jobs the URL it connects to itself.
+    gpu = GpuAgent(RuntimeConfig(server="nats://broker.example:4333", state_dir=tmp_path / "agent"))
+    assert isinstance(gpu.runner, SubprocessRunner)
+    assert gpu.runner.env == agent_env("nats://broker.example:4333")
 
 
 async def test_runner_failures_stop_and_timeout(tmp_path: Path) -> None:
