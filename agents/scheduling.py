@@ -74,6 +74,10 @@ class SchedulerConfig:
     """Time the awarded agents have to accept."""
     lease_s: float = 10.0
     """A placed node must appear in one of its agent's heartbeats this often, or the job is lost."""
+    restore_grace_s: float = 10.0
+    """After a scheduler restart, running nodes get at least this long before their leases can expire: a job
+    that ended while the scheduler was down is no longer in its agent's heartbeats, and its (durable) report
+    must be read back first, which can take a while on a loaded broker."""
     agent_ttl_s: float = 10.0
     """An agent without a heartbeat for this long is no longer offered work."""
     warmup_s: float = 1.0
@@ -300,7 +304,8 @@ class SchedulingCore:
             elif rec.state in (JobState.STARTING, JobState.RUNNING):
                 for p in rec.placements:
                     if p.phase != "exited":
-                        self._lease(rec.job_id, p.agent_id, now + self.config.lease_s)
+                        self._lease(rec.job_id, p.agent_id,
+                                    now + max(self.config.lease_s, self.config.restore_grace_s))
             elif rec.state is JobState.AWARDED:
                 rec.deadline = max(rec.deadline, now + self.config.accept_window_s)
                 self._send_awards(rec, rnd=0, only_pending=True)

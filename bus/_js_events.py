@@ -270,8 +270,7 @@ class JetStreamEventLog(EventLogBase):
                       "opt_start_time": _rfc3339_ns(start_time_ns)}
         else:
             policy = {"deliver_policy": api.DeliverPolicy.ALL}
-        with mapped():
-            infos = await self.owner.js.streams_info()
+        infos = await self.owner.retrying("list streams", lambda _timeout: self.owner.js.streams_info())
         chosen = sorted((i.config.name or "", list(i.config.subjects or ())) for i in infos
                         if any(patterns_overlap(pattern, s) for s in (i.config.subjects or ())))
         if not chosen:

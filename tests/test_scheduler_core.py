@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 
@@ -386,6 +388,27 @@ def test_restore_resumes_after_a_restart() -> None:
     assert w2.state("run") is JobState.SUCCEEDED
     w2.at(14.0)  # the placed node's lease was renewed by the heartbeat; nothing lost meanwhile
     assert w2.core.counters["lost"] == 0
+
+
+def test_a_job_that_ended_while_the_scheduler_was_down_is_not_lost_before_its_report_is_read() -> None:
+    w = World()
+    _running(w, "run")
+    saved = {job_id: rec for e in w.log for job_id, rec in e.saves.items()}
+    records = [msgspec.msgpack.decode(msgspec.msgpack.encode(r), type=JobRecord) for r in saved.values()]
+    w2 = World(dataclasses.replace(CFG, restore_grace_s=8.0))
+    w2.core.restore(records, 10.0)
+    w2.now = 10.0
+    w2.heartbeat("a", cap(1))  # the job ended while the scheduler was down: no longer in the heartbeat
+    w2.at(10.0 + CFG.lease_s + 1.0)  # a plain lease would have run out by now; the report is still on its way
+    assert w2.state("run") is JobState.RUNNING and w2.core.counters["lost"] == 0
+    w2.report("run", 1, "a", ReportPhase.EXITED, code=0)
+    assert w2.state("run") is JobState.SUCCEEDED
+    w3 = World(dataclasses.replace(CFG, restore_grace_s=0.0))  # without the grace: lost, then failed
+    w3.core.restore([msgspec.msgpack.decode(msgspec.msgpack.encode(r), type=JobRecord) for r in saved.values()],
+                    10.0)
+    w3.heartbeat("a", cap(1))
+    w3.at(10.0 + CFG.lease_s + 1.0)
+    assert w3.core.counters["lost"] == 1
 
 
 def test_submit_redelivery_is_ignored() -> None:
