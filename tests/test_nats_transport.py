@@ -29,8 +29,15 @@ async def test_publishes_during_a_broker_restart_are_buffered_and_delivered(fres
         Bus(NatsTransport(fresh_nats.url, reconnect_wait=0.05), source="sub", codec=codec) as sub,
     ):
         ticks = await sub.subscribe(Tick)
-        await pub.publish(Tick(stream="s", n=0))
-        assert (await ticks.next(5)).event.n == 0
+        for _ in range(25):  # core NATS is at-most-once: handshake until the path is known to work
+            await pub.publish(Tick(stream="s", n=0))
+            try:
+                assert (await ticks.next(0.2)).event.n == 0
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise AssertionError("no tick got through before the restart")
 
         fresh_nats.stop()
         assert isinstance(pub.transport, NatsTransport)
@@ -47,7 +54,9 @@ async def test_publishes_during_a_broker_restart_are_buffered_and_delivered(fres
         await pub.transport.flush()
         received = []
         while len(received) < 5:
-            received.append((await ticks.next(10)).event.n)
+            n = (await ticks.next(10)).event.n
+            if n > 0:  # a late copy of a handshake tick is not part of the check
+                received.append(n)
         assert received == [1, 2, 3, 4, 5]
         assert pub.transport.reconnects >= 1
 
