@@ -292,3 +292,15 @@ def test_metrics_batcher() -> None:
     for bad in ({"": 1.0}, {"x": float("nan")}, {"x": True}, {"x": "1"}):
         with pytest.raises(EdgeError):
             batcher.add(bad)
+
+
+def test_the_slim_edge_distribution_declares_only_mqtt_and_msgpack() -> None:
+    """`pip install ./edge_sdk` (fedbus-edge) ships the same package with nothing but its two dependencies."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "edge_sdk" / "pyproject.toml").read_text())
+    deps = sorted(d.split(">")[0].split("<")[0].split("=")[0] for d in project["project"]["dependencies"])
+    assert deps == ["aiomqtt", "msgpack"]
+    assert project["tool"]["setuptools"]["package-dir"] == {"fedbus.edge_sdk": "."}
