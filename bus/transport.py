@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import NamedTuple, Protocol, Self, runtime_checkable
 
 import structlog
 
@@ -24,9 +24,10 @@ __all__ = ["Capabilities", "Frame", "Subscription", "Transport", "TransportBase"
 log = structlog.get_logger("fedbus.bus")
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """Bytes received on a subject; ``reply`` is the transport-level reply subject, if any."""
+class Frame(NamedTuple):
+    """Bytes received on a subject; ``reply`` is the transport-level reply subject, if any.
+
+    A named tuple: immutable, and built ~3x faster than a frozen dataclass (one per received message)."""
 
     subject: str
     data: bytes
