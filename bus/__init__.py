@@ -5,6 +5,7 @@ from .codec import Codec, Envelope, Limits, new_id
 from .connect import connect, publish_sync, transport_for
 from .events import CATALOGUE, Catalogue, Event, EventSpec, Params, Scalar, event
 from .memory import MemoryBroker, MemoryTransport
+from .roles import Id, Role, validate_id
 from .signing import AgentKey, KeyRing, ReplayGuard
 from .transport import Capabilities, Frame, Subscription, Transport
 
@@ -21,12 +22,14 @@ __all__ = [
     "EventSpec",
     "EventSubscription",
     "Frame",
+    "Id",
     "KeyRing",
     "Limits",
     "MemoryBroker",
     "MemoryTransport",
     "Params",
     "ReplayGuard",
+    "Role",
     "Scalar",
     "Security",
     "Subscription",
@@ -36,4 +39,5 @@ __all__ = [
     "new_id",
     "publish_sync",
     "transport_for",
+    "validate_id",
 ]

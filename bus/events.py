@@ -24,6 +24,7 @@ import msgspec
 
 from . import subjects
 from .errors import FedbusError, SubjectError, UnknownEventType
+from .roles import Access, parse_access
 
 __all__ = ["CATALOGUE", "Catalogue", "Event", "EventSpec", "Params", "Scalar", "event"]
 
@@ -46,6 +47,10 @@ class EventSpec:
     key: str | None = None
     durable: bool = False
     signed: bool = False
+    pub: Access = ()
+    """Roles that may publish it (``"<role>:self"``: only on subjects keyed by their own id); admin always may."""
+    sub: Access = ()
+    """Roles that may subscribe to it, in the same notation; admin always may."""
 
     @property
     def type(self) -> str:
@@ -124,18 +129,26 @@ def event(
     key: str | None = None,
     durable: bool = False,
     signed: bool = False,
+    pub: Access = (),
+    sub: Access = (),
     catalogue: Catalogue | None = None,
 ) -> Any:
-    """Class decorator declaring an :class:`Event` subclass's wire type and delivery properties."""
+    """Class decorator declaring an :class:`Event` subclass's wire type, delivery properties and who may
+    publish (``pub``) and subscribe to (``sub``) it: role names from :class:`~fedbus.bus.roles.Role`, or
+    ``"<role>:self"`` for subjects keyed by the credential's own id (``key`` must be set then)."""
     subjects.validate_token(domain, what="event domain")
     subjects.validate_token(name, what="event name")
+    for entry in (*pub, *sub):
+        _role, own = parse_access(entry)
+        if own and key is None:
+            raise SubjectError(f"{entry!r} needs a key field to scope by", subject=f"{domain}.{name}")
 
     def decorate(cls: type[E]) -> type[E]:
         if not (isinstance(cls, type) and issubclass(cls, Event)):
             raise TypeError("@event decorates subclasses of fedbus.bus.Event")
         if key is not None and key not in cls.__struct_fields__:
             raise SubjectError(f"key field is not a field of {cls.__name__}", subject=key)
-        cls.spec = EventSpec(domain, name, version, key, durable, signed)
+        cls.spec = EventSpec(domain, name, version, key, durable, signed, tuple(pub), tuple(sub))
         _BASES[cls] = cls.spec.base_subject
         return (CATALOGUE if catalogue is None else catalogue).register(cls)
 

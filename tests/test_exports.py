@@ -9,7 +9,7 @@ import fedbus.bus
 
 BUS_API = {
     "CATALOGUE", "AgentKey", "Bus", "Capabilities", "Catalogue", "Codec", "Delivery", "Envelope", "Event",
-    "EventSpec", "EventSubscription", "Frame", "KeyRing", "Limits", "MemoryBroker", "MemoryTransport", "Params",
+    "EventSpec", "EventSubscription", "Frame", "Id", "Role", "validate_id", "KeyRing", "Limits", "MemoryBroker", "MemoryTransport", "Params",
     "ReplayGuard", "Scalar", "Security", "Subscription", "Transport", "connect", "event", "new_id",
     "publish_sync", "transport_for",
 }
