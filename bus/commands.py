@@ -39,6 +39,8 @@ from .errors import ConfigError, FedbusError
 from .inspector import Snapshot, replay, stats, tail
 from .render import format_time, frame_record, human_line, json_line
 from .signing import AgentKey
+from .creds_cli import context_cmd, creds_group
+from .up_cli import up
 from .stores import StreamStats
 
 __all__ = ["COMMANDS"]
@@ -66,105 +68,6 @@ def _emitter(as_json: bool) -> Callable[[dict[str, Any]], None]:
     return emit
 
 
-# -- fedbus up ------------------------------------------------------------------------------------------
-def _default_data_dir(cluster: bool) -> Path:
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "fedbus" / ("cluster" if cluster else "nats")
-
-
-def _wait_for_stop(alive: Callable[[], bool]) -> bool:
-    """Block until SIGINT/SIGTERM (True) or until the broker dies on its own (False)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):
-            if not alive():
-                return False
-        return True
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@click.command("up")
-@click.option("--nats-port", type=click.IntRange(0, 65535), default=4222, show_default=True,
-              help="NATS client port; a free one is picked (and said) when it is taken. 0: any free port.")
-@click.option("--mqtt-port", type=click.IntRange(0, 65535), default=1883, show_default=True,
-              help="MQTT listener port for edge devices; a free one is picked when it is taken.")
-@click.option("--no-mqtt", is_flag=True, help="Do not open the MQTT listener.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="JetStream storage and server config. [default: ~/.local/share/fedbus/nats]")
-@click.option("--cluster", "size", type=click.IntRange(1, 9), default=1, show_default=True,
-              help="Start a local cluster of N nodes (JetStream replicated) instead of one server.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the URLs once ready.")
-def up(nats_port: int, mqtt_port: int, no_mqtt: bool, data_dir: Path | None, size: int, host: str,
-       as_json: bool) -> None:
-    """Start the embedded broker (nats-server with JetStream and MQTT) and run until Ctrl-C."""
-    from .broker import NatsCluster, NatsServer
-
-    configure_logging()
-    data_dir = data_dir or _default_data_dir(size > 1)
-    say = err if as_json else out
-    try:
-        broker: NatsServer | NatsCluster
-        if size == 1:
-            broker = NatsServer(host=host, port=nats_port, mqtt_port=None if no_mqtt else mqtt_port,
-                                data_dir=data_dir, server_name="fedbus")
-        else:
-            broker = NatsCluster(size=size, host=host, data_dir=data_dir, mqtt=not no_mqtt,
-                                 base_port=nats_port)
-        try:
-            broker.start()
-        except BaseException:
-            broker.close()
-            raise
-    except FedbusError as exc:
-        fail(exc)
-    except OSError as exc:
-        fail(f"cannot start the broker in {data_dir}: {exc}")
-    nodes = broker.nodes if isinstance(broker, NatsCluster) else [broker]
-    url = broker.url
-    notes = [note for node in nodes for note in node.notes]
-    info = {
-        "nats": url,
-        "mqtt": nodes[0].mqtt_url,
-        "monitor": nodes[0].monitor_url,
-        "data_dir": str(data_dir),
-        "notes": notes,
-        "export": f"export FEDBUS_SERVER={url}",
-        "nodes": [{"name": n.server_name, "nats": n.url, "mqtt": n.mqtt_url, "monitor": n.monitor_url,
-                   "pid": n.pid} for n in nodes],
-    }
-    for note in notes:
-        say.print(f"[yellow]note:[/] {escape(note)}", markup=True)
-    kind = f"a {size}-node cluster" if size > 1 else "nats-server"
-    say.print(f"[bold green]fedbus broker is up[/] ({kind}, JetStream on, data in {escape(str(data_dir))})",
-              markup=True)
-    for node in nodes:
-        prefix = f"{node.server_name}  " if size > 1 else ""
-        say.print(f"  {prefix}NATS  {node.url}")
-        if node.mqtt_url:
-            say.print(f"  {prefix}MQTT  {node.mqtt_url}")
-    say.print(f"  {info['export']}")
-    say.print("[dim]Ctrl-C to stop.[/]", markup=True)
-    if as_json:
-        click.echo(json.dumps(info))
-    try:
-        stopped_by_user = _wait_for_stop(lambda: all(n.running for n in nodes))
-    finally:
-        say.print("stopping…")
-        broker.close()
-    if not stopped_by_user:
-        fail("the broker exited unexpectedly (see its log in the data dir)", EXIT_FAILURE)
-    say.print("stopped.")
-
-
-# -- fedbus tail ----------------------------------------------------------------------------------------
 @click.command("tail")
 @click.argument("pattern", default=_DEFAULT_PATTERN)
 @server_option
@@ -182,7 +85,7 @@ def tail_cmd(pattern: str, server: str, as_json: bool, count: int | None, timeou
         async with transport_for(server, client_id=_client_id("fedbus-tail"), persistent=False) as transport:
             return await tail(
                 transport, pattern, emit=_emitter(as_json), count=count, timeout=timeout,
-                on_ready=lambda: err.print(f"tail: listening on {pattern} at {server}"),
+                on_ready=lambda: err.print(f"tail: listening on {pattern} at {transport.url}"),
             )
 
     shown = run_async(main)
@@ -244,8 +147,18 @@ def publish_cmd(target: str, server: str, data: str, event_type: str | None, key
                 env = raw
                 if agent_key is not None:
                     agent_key.sign(env)
-            await bus.publish_envelope(subject, env)
-            await bus.transport.flush()
+            if not any(c.spec.durable and subjects.matches(c.pattern(), subject) for c in bus.codec.catalogue):
+                await bus.publish_envelope(subject, env)
+                await bus.transport.flush()
+                return env.id
+            # A durable subject: stored through its stream (ensured first) and acknowledged, or an error.
+            if bus.transport.name != "nats":
+                raise ConfigError(f"{subject} is stored durably: publish it over NATS (a nats:// --server), "
+                                  "which confirms that it was stored", key="server")
+            from .stores import open_stores  # noqa: PLC0415
+
+            ack = await (await open_stores(bus)).event_log().publish_envelope(env, subject=subject)
+            err.print(f"stored in {ack.stream} at seq {ack.seq}" + (" (a duplicate)" if ack.duplicate else ""))
             return env.id
 
     click.echo(run_async(main))
@@ -289,7 +202,7 @@ def stats_cmd(pattern: str, server: str, interval: float, count: int | None, top
 
     async def main() -> None:
         async with transport_for(server, client_id=_client_id("fedbus-stats"), persistent=False) as transport:
-            ready = lambda: err.print(f"stats: listening on {pattern} at {server}")  # noqa: E731
+            ready = lambda: err.print(f"stats: listening on {pattern} at {transport.url}")  # noqa: E731
             if as_json:
                 await stats(transport, pattern, interval=interval, count=count, on_ready=ready,
                             emit=lambda snap: click.echo(json.dumps(snap.to_dict())))
@@ -426,5 +339,5 @@ def events_cmd(prefix: str, as_json: bool) -> None:
     err.print(f"{len(infos)} event type{'s' if len(infos) != 1 else ''}")
 
 
-COMMANDS: list[click.Command] = [up, tail_cmd, publish_cmd, stats_cmd, streams_cmd, replay_cmd, events_cmd]
+COMMANDS: list[click.Command] = [up, context_cmd, creds_group, tail_cmd, publish_cmd, stats_cmd, streams_cmd, replay_cmd, events_cmd]
 """The commands this package adds to ``fedbus`` (the ``fedbus.cli`` entry point)."""

@@ -7,9 +7,13 @@
 
     fedbus.bus.publish_sync("mqtt://127.0.0.1:1883", Heartbeat(agent_id="phone-1"))   # quick scripts
 
-URLs: ``nats://host:port`` (a cluster as a comma-separated list), ``mqtt://host:port`` (nats-server's MQTT
-listener or Mosquitto), ``memory://name`` (an in-process broker shared by every transport of that name).
-With no URL, ``FEDBUS_SERVER`` is used, then ``nats://127.0.0.1:4222``.
+URLs: ``nats://host:port`` (``tls://`` with TLS; a cluster as a comma-separated list), ``mqtt://host:port``
+(``mqtts://``; nats-server's MQTT listener or Mosquitto), ``memory://name`` (an in-process broker shared by
+every transport of that name).
+
+Who and where, in this order: the ``url`` and ``creds`` given; ``FEDBUS_SERVER`` and ``FEDBUS_CREDS``; the
+creds file's own server URLs; the context ``fedbus up`` saved (:mod:`fedbus.bus.context`, its admin creds
+only for its own broker); last ``nats://127.0.0.1:4222``. A creds file gives the user, password and CA.
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .client import Bus, Security
 from .codec import Codec, Envelope
+from .context import load_context
+from .creds import Credentials, load_creds
 from .errors import BusError, ConfigError
 from .events import Event
 from .memory import MemoryBroker, MemoryTransport
+from .permissions import inbox_prefix
 from .signing import AgentKey, KeyRing
 from .transport import Transport
 
-__all__ = ["DEFAULT_URL", "connect", "memory_broker", "publish_sync", "resolve_url", "transport_for"]
+__all__ = [
+    "DEFAULT_URL", "connect", "memory_broker", "publish_sync", "resolve", "resolve_url", "transport_for",
+]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 _NATS_SCHEMES = frozenset({"nats", "tls"})
@@ -45,9 +55,24 @@ def memory_broker(name: str = "default") -> MemoryBroker:
     return broker
 
 
+def resolve(url: str | None = None, creds: Credentials | None = None) -> tuple[str, Credentials | None]:
+    """The broker URL and the credential to use (see the module docstring for the order)."""
+    creds = creds or load_creds()
+    url = url or os.environ.get("FEDBUS_SERVER") or None
+    if not url and creds is not None:
+        url = creds.servers.get("nats")
+    if url is None or creds is None:
+        context = load_context()
+        if context is not None:
+            url = url or context.nats_url
+            if creds is None and context.creds and url and context.serves(url):
+                creds = Credentials.load(Path(context.creds))
+    return (url or DEFAULT_URL), creds
+
+
 def resolve_url(url: str | None) -> str:
-    """``url``, else ``FEDBUS_SERVER``, else :data:`DEFAULT_URL`."""
-    return url or os.environ.get("FEDBUS_SERVER") or DEFAULT_URL
+    """The broker URL a client given ``url`` talks to (see :func:`resolve`)."""
+    return resolve(url)[0]
 
 
 def _scheme_and_host(part: str, *, url: str) -> tuple[str, str]:
@@ -60,7 +85,8 @@ def _scheme_and_host(part: str, *, url: str) -> tuple[str, str]:
 
 
 def transport_for(
-    url: str | None = None, *, client_id: str | None = None, persistent: bool | None = None
+    url: str | None = None, *, client_id: str | None = None, persistent: bool | None = None,
+    creds: Credentials | None = None,
 ) -> Transport:
     """A new, unconnected transport for ``url``; raises :class:`ConfigError` for anything it cannot serve.
 
@@ -74,7 +100,9 @@ def transport_for(
         persistent = client_id is not None
     if client_id is None:
         client_id = f"fedbus-{secrets.token_hex(4)}"
-    url = resolve_url(url).strip()
+    if url is None or not url.startswith("memory://"):
+        url, creds = resolve(url, creds)
+    url = url.strip()
     parts = [p.strip() for p in url.split(",") if p.strip()]
     if not parts:
         raise ConfigError("empty broker URL", key="server")
@@ -96,7 +124,13 @@ def transport_for(
     if scheme in _NATS_SCHEMES:
         from .nats_transport import NatsTransport
 
-        return NatsTransport(",".join(parts), client_name=client_id)
+        if scheme == "tls" and (creds is None or not creds.ca_pem):
+            raise ConfigError("a tls:// server needs a creds file with its CA (--creds or FEDBUS_CREDS)",
+                              key="creds", source=url)
+        return NatsTransport(",".join(parts), client_name=client_id,
+                             user=creds.user if creds else None, password=creds.password if creds else None,
+                             tls=creds.ssl_context() if creds and scheme == "tls" else None,
+                             inbox_prefix=inbox_prefix(creds.id) if creds else None)
     if len(parts) > 1:
         raise ConfigError(f"only nats:// URLs take a server list, not {scheme}://", key="server", source=url)
     if scheme in _MQTT_SCHEMES:
@@ -105,7 +139,13 @@ def transport_for(
         except ImportError as exc:
             raise ConfigError(f"the MQTT transport is not available: {exc}", key="server",
                               source=url) from None
-        transport: Transport = MqttTransport(parts[0], client_id=client_id, clean_session=not persistent)
+        if scheme == "mqtts" and (creds is None or not creds.ca_pem):
+            raise ConfigError("an mqtts:// server needs a creds file with its CA (--creds or FEDBUS_CREDS)",
+                              key="creds", source=url)
+        transport: Transport = MqttTransport(
+            parts[0], client_id=client_id, clean_session=not persistent,
+            username=creds.user if creds else None, password=creds.password if creds else None,
+            tls_context=creds.ssl_context() if creds and scheme == "mqtts" else None)
         return transport
     if scheme == "memory":
         name = urlsplit(parts[0]).netloc or "default"
@@ -124,13 +164,19 @@ def connect(
     codec: Codec | None = None,
     client_id: str | None = None,
     persistent: bool = True,
+    creds: Credentials | None = None,
 ) -> Bus:
     """A :class:`Bus` for agent id ``source`` on the broker at ``url``; ``async with`` it to connect.
 
     Events whose type is declared ``signed`` are signed when ``key`` is given. The connection is named
-    ``client_id`` (default: ``source``); see :func:`transport_for` for ``persistent``.
+    ``client_id`` (default: ``source``); see :func:`transport_for` for ``persistent``. With a credential
+    (``creds``, ``FEDBUS_CREDS`` or the context's) and no ``key``, events are signed with its key.
     """
-    transport = transport_for(url, client_id=client_id or source, persistent=persistent)
+    if url is None or not url.startswith("memory://"):
+        url, creds = resolve(url, creds)
+    if key is None and creds is not None:
+        key = creds.signing_key
+    transport = transport_for(url, client_id=client_id or source, persistent=persistent, creds=creds)
     return Bus(transport, source=source, key=key, keyring=keyring, security=security, codec=codec)
 
 

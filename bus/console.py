@@ -18,16 +18,27 @@ from typing import Any, NoReturn, TypeVar
 import structlog
 from rich.console import Console
 
-from .errors import CodecError, ConfigError, FedbusError, SubjectError
+from .errors import AuthError, CodecError, ConfigError, ConnectError, FedbusError, SubjectError
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "configure_logging", "err", "exit_code", "fail", "out",
-           "run_async"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_NOPERM", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_UNAVAILABLE",
+           "EXIT_USAGE", "configure_logging", "err", "exit_code", "fail", "out", "run_async"]
 
 T = TypeVar("T")
 
+# The one table of exit codes of every fedbus command (docs/cli.md):
 EXIT_OK = 0
 EXIT_FAILURE = 1
+"""Something went wrong at run time, or work was lost (a job failed, an event was not stored)."""
 EXIT_USAGE = 2
+"""What the user typed is wrong: a bad option, file, subject or event."""
+EXIT_UNAVAILABLE = 69
+"""The broker (or a service it needs) cannot be reached, or a resource is held by another process."""
+EXIT_NOPERM = 77
+"""Authentication or permission refused: bad, expired or revoked credentials; a role not allowed to."""
+EXIT_TIMEOUT = 124
+"""A ``--timeout`` ran out before the work finished (the work may go on)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: the command stopped waiting (the work may go on: the message says how to stop it)."""
 
 out = Console(highlight=False, soft_wrap=True)
 """Command output (stdout)."""
@@ -64,8 +75,14 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
 
 
 def exit_code(exc: FedbusError) -> int:
-    """2 for errors in what the user typed, 1 for everything that went wrong at run time."""
-    return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILURE
+    """The exit code of the table above for ``exc``."""
+    if isinstance(exc, _USAGE_ERRORS):
+        return EXIT_USAGE
+    if isinstance(exc, AuthError) or (isinstance(exc, ConnectError) and exc.refused):
+        return EXIT_NOPERM
+    if isinstance(exc, ConnectError):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILURE
 
 
 def fail(exc: FedbusError | str, code: int | None = None) -> NoReturn:

@@ -90,11 +90,12 @@ class TransportError(BusError):
 
 
 class ConnectError(TransportError):
-    """The broker could not be reached."""
+    """The broker could not be reached, or (``refused``) it refused the credentials or the certificate."""
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
+    def __init__(self, message: str, *, url: str | None = None, refused: bool = False) -> None:
         super().__init__(f"{message} ({url})" if url else message)
         self.url = url
+        self.refused = refused
 
 
 class PublishTimeout(TransportError):

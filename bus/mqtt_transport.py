@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from dataclasses import dataclass
 
 import aiomqtt
@@ -107,6 +108,7 @@ class MqttTransport(TransportBase):
         will: LastWill | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
         shared_subscriptions: bool | None = None,
         probe_timeout: float = 1.0,
         connect_timeout: float = 5.0,
@@ -128,7 +130,7 @@ class MqttTransport(TransportBase):
         self._probe_timeout = probe_timeout
         options = LinkOptions(
             client_id=self.client_id, clean_session=clean_session, keepalive=keepalive, username=username,
-            password=password, connect_timeout=connect_timeout, publish_timeout=publish_timeout,
+            password=password, tls_context=tls_context, connect_timeout=connect_timeout, publish_timeout=publish_timeout,
             initial_attempts=initial_attempts, backoff_min=reconnect_min, backoff_max=reconnect_max,
             max_buffered=max_buffered, max_buffered_bytes=max_buffered_bytes,
         )

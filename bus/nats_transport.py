@@ -7,6 +7,8 @@ Reconnects forever with jittered backoff; publishes made while the broker is awa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,6 +62,11 @@ class _NatsSubscription(Subscription):
         self.end()
 
 
+def _refused(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
 class NatsTransport(TransportBase):
     """A connection to one NATS server or cluster (``url`` may list several, comma-separated)."""
 
@@ -76,7 +83,14 @@ class NatsTransport(TransportBase):
         max_reconnect_attempts: int = -1,
         reconnect_buffer_bytes: int = 64 * 1024 * 1024,
         initial_attempts: int = 3,
+        user: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        inbox_prefix: str | None = None,
     ) -> None:
+        """``user``/``password`` log in; ``tls`` (a context trusting the deployment's CA) for ``tls://``
+        servers; ``inbox_prefix`` is where replies come back (``_INBOX.<id>``: the permissions let nobody
+        else read below it)."""
         self.url = url
         self.client_name = client_name
         self._servers = [u.strip() for u in url.split(",") if u.strip()]
@@ -86,8 +100,16 @@ class NatsTransport(TransportBase):
             "max_reconnect_attempts": max_reconnect_attempts,
             "pending_size": reconnect_buffer_bytes,
         }
+        if user is not None:
+            self._options.update(user=user, password=password or "")
+        if tls is not None:
+            self._options["tls"] = tls
+        if inbox_prefix is not None:
+            self._options["inbox_prefix"] = inbox_prefix
         self._initial_attempts = initial_attempts
         self._nc: NatsClient | None = None
+        self._connect_error: BaseException | None = None
+        self._refused_event = asyncio.Event()
         self._subs: list[_NatsSubscription] = []
         self._closed = False
         self.reconnects = 0
@@ -112,19 +134,47 @@ class NatsTransport(TransportBase):
         for attempt in range(self._initial_attempts):
             if await self._any_server_reachable():
                 try:
-                    self._nc = await asyncio.wait_for(nats.connect(
-                        servers=self._servers, name=self.client_name, allow_reconnect=True,
-                        error_cb=self._on_error, disconnected_cb=self._on_disconnect,
-                        reconnected_cb=self._on_reconnect, **self._options,
-                    ), timeout=self._options["connect_timeout"] * 2 + 5)
+                    self._nc = await self._connect_once()
                     self.connected.set()
                     return
                 except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                    exc = self._connect_error or exc  # nats-py reports TLS and auth failures to error_cb
+                    if _refused(exc):
+                        raise ConnectError("the broker refused these credentials (authorization violation): "
+                                           "check --creds / FEDBUS_CREDS, or whether it was revoked",
+                                           url=self.url, refused=True) from None
+                    if isinstance(exc, ssl.SSLCertVerificationError):
+                        raise ConnectError(f"the broker's TLS certificate is not trusted: {exc.verify_message}; "
+                                           "use the creds file the broker's authority issued", url=self.url,
+                                           refused=True) from None
                     last = exc
             else:
                 last = OSError("connection refused or timed out")
             await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
         raise ConnectError(f"cannot reach NATS: {last}", url=self.url)
+
+    async def _connect_once(self) -> NatsClient:
+        """One nats-py connect; a refused login or an untrusted certificate ends it at once (nats-py would
+        otherwise retry them until the timeout)."""
+        self._connect_error = None
+        self._refused_event = asyncio.Event()
+        connecting = asyncio.ensure_future(nats.connect(
+            servers=self._servers, name=self.client_name, allow_reconnect=True,
+            error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect, **self._options,
+        ))
+        refused = asyncio.ensure_future(self._refused_event.wait())
+        try:
+            done, _ = await asyncio.wait({connecting, refused}, timeout=self._options["connect_timeout"] * 2 + 5,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if connecting in done:
+            return connecting.result()
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        raise self._connect_error or asyncio.TimeoutError()
 
     async def _any_server_reachable(self) -> bool:
         for server in self._servers:
@@ -141,6 +191,9 @@ class NatsTransport(TransportBase):
 
     # nats-py calls these; they must never raise (a raising callback stops reconnection, nats.py #204).
     async def _on_error(self, exc: Exception) -> None:
+        if self._nc is None and (_refused(exc) or isinstance(exc, ssl.SSLError)):
+            self._connect_error = exc
+            self._refused_event.set()
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("slow consumer", subject=getattr(exc, "subject", None))
         else:

@@ -23,12 +23,15 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from . import signing, topics
+from .creds import DeviceCreds
 from .envelope import FrameLimits, decode_data, make_envelope, pack, unpack
 from .errors import (
     EdgeError,
@@ -151,6 +154,7 @@ class EdgeClient:
         keepalive: int = 60,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
         info: Mapping[str, str | int | float | bool | None] | None = None,
         batch_points: int = 100,
         batch_interval: float = 10.0,
@@ -185,7 +189,7 @@ class EdgeClient:
         options = LinkOptions(
             client_id=topics.validate_token(client_id or f"fedbus-edge-{self.device_id}", what="client id"),
             clean_session=clean_session, keepalive=keepalive, username=username, password=password,
-            connect_timeout=connect_timeout, publish_timeout=publish_timeout,
+            tls_context=tls_context, connect_timeout=connect_timeout, publish_timeout=publish_timeout,
             initial_attempts=initial_attempts, backoff_min=reconnect_min, backoff_max=reconnect_max,
             max_buffered=max_buffered,
         )
@@ -197,6 +201,15 @@ class EdgeClient:
         self._waiters: dict[str, asyncio.Future[Received]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
+
+    @classmethod
+    def from_creds(cls, creds: DeviceCreds | str | Path, **options: Any) -> EdgeClient:
+        """A client that logs in, verifies the broker and signs as the creds file says (``fedbus creds issue
+        device ID``); ``options`` are the other keyword arguments."""
+        if not isinstance(creds, DeviceCreds):
+            creds = DeviceCreds.load(creds)
+        return cls(device_id=creds.id, url=creds.mqtt_url, username=creds.user, password=creds.password,
+                   tls_context=creds.tls_context(), signing_seed=creds.signing_seed, **options)
 
     # -- state ------------------------------------------------------------------------------------------
     @property

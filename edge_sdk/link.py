@@ -71,6 +71,9 @@ class LinkOptions:
     qos: int = 1
     username: str | None = None
     password: str | None = None
+    tls_context: ssl.SSLContext | None = None
+    """For ``mqtts://``: e.g. ``ssl.create_default_context(cafile="ca.pem")`` with the deployment's CA (from
+    the creds file); without one the system's CAs are trusted."""
     connect_timeout: float = 5.0
     publish_timeout: float = 10.0
     """How long a QoS 1 publish waits for its PUBACK on a live connection."""
@@ -277,7 +280,7 @@ class MqttLink:
             will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=opts.qos,
                                                         retain=will.retain),
             max_queued_incoming_messages=opts.max_incoming,
-            tls_context=ssl.create_default_context() if self._tls else None,
+            tls_context=(opts.tls_context or ssl.create_default_context()) if self._tls else None,
         )
         client.pending_calls_threshold = 100_000  # we bound publishes ourselves; silence aiomqtt's warning
         return client

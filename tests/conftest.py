@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedbus.bus.broker import NatsServer
+
+# Tests never talk to a developer's broker by accident: no saved context, no creds, no server from the shell.
+os.environ["FEDBUS_CONTEXT"] = str(Path(tempfile.mkdtemp(prefix="fedbus-test-ctx-")) / "context.json")
+for _name in ("FEDBUS_CREDS", "FEDBUS_SERVER"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")

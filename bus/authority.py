@@ -1,0 +1,271 @@
+"""The authority of one deployment: it issues, lists and revokes credentials, and writes the broker's users.
+
+It lives in ``<data dir>/auth/`` beside the broker ``fedbus up`` runs::
+
+    auth/ca.pem, ca.key            the CA (pki.py); ca.key never leaves this directory
+    auth/server.pem, server.key    the broker's TLS certificate
+    auth/registry.json             every credential issued: role, bcrypt hash of its password, public key, expiry
+    auth/users.conf                the nats-server ``authorization`` block generated from the registry + catalogue
+    auth/servers.json              the URLs the broker bound, written into every creds file issued
+
+The broker keeps only bcrypt hashes; the passwords and signing keys exist only in the creds files. Revoking
+rewrites ``users.conf`` and signals the broker to reload it: the revoked user's connections are closed and it
+cannot log in again, without a restart. Expired credentials are dropped the same way (``fedbus up`` re-renders
+on a timer). Why server configuration and not NATS JWTs: see ``docs/security.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import bcrypt
+import structlog
+
+from .broker import NatsServer
+from .catalogue_cli import load_events
+from .creds import Credentials, Identity
+from .errors import ConfigError, Conflict, NotFound
+from .events import Event
+from .permissions import grants_for, render_permissions
+from .pki import Pki
+from .roles import Role, validate_id
+
+__all__ = ["ADMIN_ID", "Authority", "IssuedCredential"]
+
+log = structlog.get_logger("fedbus.authority")
+
+ADMIN_ID: Final = "admin"
+_BCRYPT_COST: Final = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuedCredential:
+    """A registry entry: what the authority remembers of a credential (no secret)."""
+
+    id: str
+    role: Role
+    password_hash: str
+    public_key: bytes
+    issued_ns: int
+    expires_ns: int = 0
+    revoked_ns: int = 0
+
+    @property
+    def active(self) -> bool:
+        return not self.revoked_ns and not (self.expires_ns and time.time_ns() >= self.expires_ns)
+
+    def identity(self) -> Identity:
+        return Identity(id=self.id, role=self.role, public_key=self.public_key, expires_ns=self.expires_ns)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": str(self.role), "password_hash": self.password_hash, "public_key": self.public_key.hex(),
+                "issued_ns": self.issued_ns, "expires_ns": self.expires_ns, "revoked_ns": self.revoked_ns}
+
+    @classmethod
+    def from_json(cls, ident: str, data: dict[str, Any]) -> IssuedCredential:
+        return cls(id=ident, role=Role(data["role"]), password_hash=data["password_hash"],
+                   public_key=bytes.fromhex(data["public_key"]), issued_ns=int(data["issued_ns"]),
+                   expires_ns=int(data.get("expires_ns", 0)), revoked_ns=int(data.get("revoked_ns", 0)))
+
+
+class Authority:
+    """Credentials and broker users for the deployment whose data dir is ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.dir = self.data_dir / "auth"
+        self.pki = Pki(self.dir)
+
+    # -- files --------------------------------------------------------------------------------------------
+    @property
+    def registry_path(self) -> Path:
+        return self.dir / "registry.json"
+
+    @property
+    def users_conf(self) -> Path:
+        return self.dir / "users.conf"
+
+    @property
+    def servers_path(self) -> Path:
+        return self.dir / "servers.json"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "nats-server.pid"
+
+    @property
+    def exists(self) -> bool:
+        return self.registry_path.exists()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".registry.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, IssuedCredential]:
+        if not self.registry_path.exists():
+            return {}
+        try:
+            data = json.loads(self.registry_path.read_text())
+            return {ident: IssuedCredential.from_json(ident, entry) for ident, entry in data["credentials"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"unreadable credential registry: {exc}", source=str(self.registry_path)) from None
+
+    def _write(self, entries: dict[str, IssuedCredential]) -> None:
+        data = {"format": 1, "credentials": {i: e.to_json() for i, e in sorted(entries.items())}}
+        _write_private(self.registry_path, json.dumps(data, indent=1))
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def init(self, *, host: str = "127.0.0.1", names: Iterable[str] = ()) -> bool:
+        """Make the CA, the server certificate and the admin credential when missing; idempotent.
+        Returns whether this was the first start."""
+        from .pki import server_names  # noqa: PLC0415
+
+        first = not self.exists
+        self.pki.ensure([*server_names(host), *names])
+        with self._locked():
+            if ADMIN_ID not in self._read():
+                self._issue_locked(Role.ADMIN, ADMIN_ID, expires_ns=0, replace=False)
+        return first
+
+    def set_servers(self, servers: dict[str, str]) -> None:
+        _write_private(self.servers_path, json.dumps(servers))
+
+    def record(self, server: NatsServer) -> None:
+        """Remember where ``server`` listens: every creds file issued from now on names it."""
+        self.set_servers({k: v for k, v in (("nats", server.url), ("mqtt", server.mqtt_url)) if v})
+
+    def servers(self) -> dict[str, str]:
+        try:
+            return dict(json.loads(self.servers_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    # -- credentials ----------------------------------------------------------------------------------------
+    def issue(self, role: Role | str, ident: str, *, expires_s: float | None = None,
+              replace: bool = False) -> Credentials:
+        """A new credential for ``ident`` in ``role``; :class:`Conflict` if the id is taken (unless
+        ``replace``: the old one stops working at the next render)."""
+        validate_id(ident, what="credential id")
+        expires_ns = time.time_ns() + int(expires_s * 1e9) if expires_s else 0
+        with self._locked():
+            return self._issue_locked(Role(role), ident, expires_ns=expires_ns, replace=replace)
+
+    def _issue_locked(self, role: Role, ident: str, *, expires_ns: int, replace: bool) -> Credentials:
+        entries = self._read()
+        old = entries.get(ident)
+        if old is not None and old.active and not replace:
+            raise Conflict(f"a credential with this id exists ({old.role}); revoke it first or pass --replace",
+                           key=ident)
+        password = secrets.token_urlsafe(32)
+        seed = os.urandom(32)
+        creds = Credentials(id=ident, role=role, user=ident, password=password, signing_seed=seed,
+                            servers=self.servers(), ca_pem=self.pki.ca_pem() if self.pki.ca_cert.exists() else "",
+                            expires_ns=expires_ns)
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(_BCRYPT_COST)).decode()
+        entries[ident] = IssuedCredential(id=ident, role=role, password_hash=hashed,
+                                          public_key=creds.signing_key.public_raw, issued_ns=time.time_ns(),
+                                          expires_ns=expires_ns)
+        self._write(entries)
+        if ident == ADMIN_ID:
+            creds.dump(self.admin_creds_path)
+        log.info("issued credential", id=ident, role=str(role))
+        return creds
+
+    @property
+    def admin_creds_path(self) -> Path:
+        return self.dir / "admin.creds"
+
+    def admin_creds(self) -> Credentials:
+        creds = Credentials.load(self.admin_creds_path)
+        servers = self.servers()
+        if servers and servers != creds.servers:  # the broker moved: keep the admin file current
+            creds = Credentials(**{**creds.__dict__, "servers": servers, "path": None})
+            creds.dump(self.admin_creds_path)
+        return creds
+
+    def revoke(self, ident: str) -> IssuedCredential:
+        """Revoke ``ident``; effective once the broker reloads (:meth:`apply`)."""
+        validate_id(ident, what="credential id")
+        if ident == ADMIN_ID:
+            raise ConfigError("the admin credential cannot be revoked (delete the data dir to start afresh)",
+                              key="id")
+        with self._locked():
+            entries = self._read()
+            entry = entries.get(ident)
+            if entry is None:
+                raise NotFound(f"no credential {ident!r}")
+            entries[ident] = revoked = IssuedCredential(**{**entry.__dict__, "revoked_ns": time.time_ns()})
+            self._write(entries)
+        log.info("revoked credential", id=ident)
+        return revoked
+
+    def list(self) -> list[IssuedCredential]:
+        return sorted(self._read().values(), key=lambda e: (e.role, e.id))
+
+    def identities(self) -> list[Identity]:
+        """The identities of every active credential, for the ``fedbus-identities`` bucket."""
+        return [e.identity() for e in self._read().values() if e.active]
+
+    # -- the broker -----------------------------------------------------------------------------------------
+    def render(self, events: Iterable[type[Event]] | None = None) -> bool:
+        """Write ``users.conf`` for the active credentials; returns whether it changed. ``events``: every
+        event type the permissions are generated from (default: all, loaded from the entry points)."""
+        events = list(load_events() if events is None else events)
+        blocks = []
+        for entry in self.list():
+            if not entry.active:
+                continue
+            perms = render_permissions(grants_for(entry.role, entry.id, events))
+            blocks.append(f'    {{\n      user: "{entry.id}"\n      password: "{entry.password_hash}"\n'
+                          f"{perms}    }}\n")
+        text = "authorization {\n  timeout: 5\n  users: [\n" + "".join(blocks) + "  ]\n}\n"
+        if self.users_conf.exists() and self.users_conf.read_text() == text:
+            return False
+        _write_private(self.users_conf, text)
+        return True
+
+    def reload_broker(self) -> bool:
+        """Ask the running broker to reload its configuration; ``False`` if none is running."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def server(self, events: Iterable[type[Event]] | None = None, **options: Any) -> NatsServer:
+        """A (not yet started) nats-server for this authority: TLS on NATS and MQTT, only its users, each
+        with the permissions of its role. ``options`` are :class:`NatsServer` fields."""
+        self.init(host=options.get("host", "127.0.0.1"))
+        self.render(events)
+        return NatsServer(data_dir=self.data_dir, auth_include="auth/users.conf", tls_cert=self.pki.server_cert,
+                          tls_key=self.pki.server_key, pid_file=self.pid_path, **options)
+
+    def apply(self, events: Iterable[type[Event]] | None = None) -> bool:
+        """Render and, when the users changed, reload the broker. Returns whether a reload was sent."""
+        return self.render(events) and self.reload_broker()
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)

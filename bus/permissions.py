@@ -1,0 +1,151 @@
+"""Broker permissions, generated from the catalogue: what each credential may publish and subscribe to.
+
+Pure: no I/O. The event types' ``pub``/``sub`` declarations give the event subjects; :data:`BUCKETS` gives the
+KV and object buckets; durable types give the JetStream consumers a role may create (with the filter in the
+API subject, so a role can only make a consumer that reads what it could subscribe to anyway). Admin has no
+limits. Everything not granted is denied, so a new event type nobody declared is reachable by admin alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from .events import Event
+from .roles import Role, parse_access
+
+__all__ = ["BUCKETS", "Bucket", "Grants", "grants_for", "inbox_prefix", "render_permissions"]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A KV (``kind="kv"``) or object (``kind="obj"``) bucket and the roles that may write and read it.
+
+    A ``"<role>:self"`` writer may only write the key named by its own id (liveness entries).
+    """
+
+    kind: str
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+
+    @property
+    def stream_prefix(self) -> str:
+        return "KV_" if self.kind == "kv" else "OBJ_"
+
+
+_DAEMONS: Final = ("scheduler", "gpu-agent", "aggregator", "observer", "gateway", "replica")
+_ALL_BUT_DEVICES: Final = (*_DAEMONS, "fl-client")
+
+#: Every bucket the project uses. A package that adds one adds it here, or only admin can reach it.
+BUCKETS: Final[dict[str, Bucket]] = {
+    "jobs": Bucket("kv", writers=("scheduler",), readers=("observer",)),
+    "agents": Bucket("kv", writers=tuple(f"{r}:self" for r in _DAEMONS), readers=("scheduler", "observer")),
+    "agent-keys": Bucket("kv", writers=(), readers=_ALL_BUT_DEVICES),
+    "fedbus-identities": Bucket("kv", writers=(), readers=_ALL_BUT_DEVICES),
+    "workspaces": Bucket("obj", writers=(), readers=("gpu-agent",)),
+    "fl": Bucket("obj", writers=("aggregator", "fl-client"), readers=("aggregator", "fl-client")),
+}
+
+
+@dataclass
+class Grants:
+    """Allowed publish and subscribe subjects of one credential (``None``: no limits, for admin)."""
+
+    publish: list[str] | None = field(default_factory=list)
+    subscribe: list[str] | None = field(default_factory=list)
+
+    def add(self, *, pub: Iterable[str] = (), sub: Iterable[str] = ()) -> None:
+        assert self.publish is not None and self.subscribe is not None
+        self.publish.extend(s for s in pub if s not in self.publish)
+        self.subscribe.extend(s for s in sub if s not in self.subscribe)
+
+
+def inbox_prefix(ident: str) -> str:
+    """The reply-inbox prefix of credential ``ident``: nobody else may subscribe below it."""
+    return f"_INBOX.{ident}"
+
+
+def _allowed(access: tuple[str, ...], role: Role) -> tuple[bool, bool]:
+    """(allowed at all, only on its own key) for ``role`` in an access declaration."""
+    everywhere = own = False
+    for entry in access:
+        r, self_only = parse_access(entry)
+        if r is role:
+            if self_only:
+                own = True
+            else:
+                everywhere = True
+    return everywhere or own, own and not everywhere
+
+
+def _stream_read(stream: str) -> list[str]:
+    api = "$JS.API"
+    return [
+        f"{api}.STREAM.INFO.{stream}", f"{api}.CONSUMER.INFO.{stream}.*", f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{api}.CONSUMER.DELETE.{stream}.*", f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
+    ]
+
+
+def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
+               buckets: dict[str, Bucket] | None = None) -> Grants:
+    """What credential ``ident`` of ``role`` may publish and subscribe to."""
+    if role is Role.ADMIN:
+        return Grants(publish=None, subscribe=None)
+    from .stores import stream_name  # noqa: PLC0415 - stores imports the JetStream-free core only
+
+    grants = Grants()
+    inbox = inbox_prefix(ident)
+    grants.add(sub=[f"{inbox}.>"])
+    uses_js = False
+    for cls in events:
+        spec = cls.spec
+        for access, direction in ((spec.pub, "pub"), (spec.sub, "sub")):
+            ok, own = _allowed(access, role)
+            if not ok:
+                continue
+            subject = cls.pattern(ident) if own else cls.pattern()
+            if direction == "pub":
+                grants.add(pub=[subject])
+                continue
+            grants.add(sub=[subject])
+            if spec.durable:
+                uses_js = True
+                stream = stream_name(spec.domain)
+                grants.add(pub=[f"$JS.API.CONSUMER.CREATE.{stream}.*.{subject}", *_stream_read(stream)])
+        if spec.durable and _allowed(spec.pub, role)[0]:
+            uses_js = True  # publishing to a stream waits for its ack on the inbox: no API access needed
+    for name, bucket in (BUCKETS if buckets is None else buckets).items():
+        stream = bucket.stream_prefix + name
+        writes, own_key = _allowed(bucket.writers, role)
+        reads = writes or _allowed(bucket.readers, role)[0]
+        if not reads:
+            continue
+        uses_js = True
+        grants.add(pub=[
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
+            *_stream_read(stream),
+        ])
+        if writes:
+            prefix = "$KV" if bucket.kind == "kv" else "$O"
+            grants.add(pub=[f"{prefix}.{name}.{ident}" if own_key else f"{prefix}.{name}.>"])
+            if bucket.kind == "obj":
+                grants.add(pub=[f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.STREAM.MSG.DELETE.{stream}"])
+    if uses_js:
+        grants.add(pub=["$JS.API.INFO", "$JS.API.STREAM.NAMES"])
+    return grants
+
+
+def _quote(subject: str) -> str:
+    return '"' + subject.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_permissions(grants: Grants, *, indent: str = "      ") -> str:
+    """The ``permissions { ... }`` block of a nats-server user entry ("" for admin: no limits)."""
+    if grants.publish is None and grants.subscribe is None:
+        return ""
+    pub = ", ".join(_quote(s) for s in grants.publish or [])
+    sub = ", ".join(_quote(s) for s in grants.subscribe or [])
+    return (f"{indent}permissions: {{\n{indent}  publish: {{ allow: [{pub}] }}\n"
+            f"{indent}  subscribe: {{ allow: [{sub}] }}\n{indent}  allow_responses: true\n{indent}}}\n")
