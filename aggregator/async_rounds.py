@@ -73,9 +73,9 @@ class AsyncRounds:
                 kind="fit",
                 version=agg.state.version,
                 model=agg._model_ref(),
-                clients=[],
                 deadline_s=s.timeout_s,
                 config={**agg.client_config, **agg.strategy.configure(rnd)},
+                open=True,
             )
         )
         rows: list[tuple[int, Params]] = []
@@ -145,7 +145,9 @@ class AsyncRounds:
             await agg._refuse(u.round, u.client_id, Verdict.STALE, f"staleness {tau}")
             return None
         try:
-            delta = await blobs.fetch(u.update, store=agg.store, length=agg.dim)
+            delta = await blobs.fetch(
+                u.update, store=agg.store, length=agg.dim, within=f"{s.run_id}/update/{u.round}/"
+            )
         except UpdateRejected as exc:
             await agg._refuse(u.round, u.client_id, exc.reason, str(exc))
             return None

@@ -51,10 +51,19 @@ async def ref_for(
 
 
 async def fetch(
-    ref: ModelRef, *, store: ObjectStore | None, length: int | None = None, dtype: str = "float32"
+    ref: ModelRef,
+    *,
+    store: ObjectStore | None,
+    length: int | None = None,
+    dtype: str = "float32",
+    within: str | None = None,
 ) -> npt.NDArray[np.generic]:
     """The vector behind ``ref``, verified; raises :class:`UpdateRejected` with a reason word when it is
-    malformed (``bad_dtype``, ``wrong_shape``, ``bad_hash``, ``missing_blob``, ``non_finite``)."""
+    malformed (``bad_dtype``, ``wrong_shape``, ``bad_hash``, ``missing_blob``, ``non_finite``), or, with
+    ``within``, names an object outside that prefix (``bad_object``: a client may not point the aggregator
+    at the run's models or another client's blob, which the aggregator deletes after the round)."""
+    if ref.object is not None and within is not None and not ref.object.startswith(within):
+        raise UpdateRejected("bad_object", f"object {ref.object!r} is not under {within!r}")
     if ref.dtype != dtype or ref.dtype not in _DTYPES:
         raise UpdateRejected("bad_dtype", f"expected {dtype}, got {ref.dtype!r}")
     if length is not None and ref.length != length:

@@ -5,6 +5,10 @@ It is framework-free: training is a :class:`LocalTrainer` (the torch one is
 flowing while it trains. The same class runs in ``--simulate`` (many clients in one process), in a client job
 on a GPU agent, and in tests.
 
+A synchronous round is two events: the :class:`RoundStart` every client sees (the model, the config) and a
+:class:`RoundInvite` on the client's own subject, which only it may read (the sample stays secret). The
+client answers once it holds both, whichever came first; an asynchronous round (``open``) needs no invite.
+
 Idempotence: the client remembers what it sent for the last rounds; when a round is announced again (an
 aggregator that restarted re-opens its round) it sends the same update again instead of retraining, and the
 aggregator refuses duplicates, so nothing is folded twice.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +40,7 @@ from .events import (
     EvalReport,
     ModelRef,
     ModelUpdate,
+    RoundInvite,
     RoundStart,
     RunFinished,
     SecAggAdvertise,
@@ -53,6 +59,9 @@ __all__ = ["ClientFaults", "ClientStats", "EvalOutcome", "FitOutcome", "FlClient
 
 log = structlog.get_logger("fedbus.aggregator.client")
 Vector = npt.NDArray[np.float32]
+RoundKey = tuple[str, int, int]
+"""(kind, round, attempt): what pairs a round's start with its invitation."""
+_REMEMBERED = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +158,8 @@ class FlClient:
         self._sent: OrderedDict[tuple[str, int, int], Event] = OrderedDict()
         self._mail: dict[tuple[type, int], asyncio.Future[Any]] = {}
         self._pending: OrderedDict[str, RoundStart] = OrderedDict()  # newest start per kind, while busy
+        self._starts: OrderedDict[RoundKey, RoundStart] = OrderedDict()  # announced, not yet invited to
+        self._invites: OrderedDict[RoundKey, RoundInvite] = OrderedDict()  # invited, start not yet seen
         self._tg: asyncio.TaskGroup | None = None
         self._done = asyncio.Event()
         self._public_key = bus.key.public_raw if bus.key is not None else b""
@@ -162,6 +173,7 @@ class FlClient:
                 for cls in (RoundStart, RunFinished, UpdateRefused, SecAggRoster, SecAggUnmask):
                     await inbox.add(cls, key=self.run_id)
                 await inbox.add(SecAggInbox, key=self.client_id)
+                await inbox.add(RoundInvite, key=self.client_id)
                 await self.bus.transport.flush()
                 await self.bus.publish(
                     ClientJoin(
@@ -211,6 +223,8 @@ class FlClient:
             match delivery.event:
                 case RoundStart() as start:
                     self._on_start(start)
+                case RoundInvite() as invite if invite.run_id == self.run_id:
+                    self._on_invite(invite)
                 case RunFinished():
                     self.log.info("run finished", version=delivery.event.version)
                     return
@@ -228,8 +242,25 @@ class FlClient:
 
     # -- rounds ----------------------------------------------------------------------------------------------
     def _on_start(self, start: RoundStart) -> None:
-        if start.clients and self.client_id not in start.clients:
+        if start.open:
+            self._dispatch(start)
             return
+        key = (start.kind, start.round, start.attempt)
+        if self._invites.pop(key, None) is not None:
+            self._dispatch(start)
+        else:
+            _remember(self._starts, key, start)
+
+    def _on_invite(self, invite: RoundInvite) -> None:
+        key = (invite.kind, invite.round, invite.attempt)
+        start = self._starts.pop(key, None)
+        if start is not None:
+            self._dispatch(start)
+        else:
+            _remember(self._invites, key, invite)
+
+    def _dispatch(self, start: RoundStart) -> None:
+        """Work on ``start`` now, or once the round in hand is done."""
         assert self._tg is not None
         if self._busy:  # a straggler, or asynchronous mode: answer the newest start of each kind when free
             self._pending.pop(start.kind, None)
@@ -271,7 +302,7 @@ class FlClient:
         delta = np.ascontiguousarray(outcome.weights - weights, dtype=np.float32)
         ref = await blobs.ref_for(
             delta,
-            name=f"{self.run_id}/update/{start.round}/{self.client_id}",
+            name=f"{self.run_id}/update/{start.round}/{secrets.token_hex(16)}",  # names no client
             store=self.store,
             inline_limit=self.inline_limit,
         )
@@ -386,7 +417,7 @@ class FlClient:
             masked = session.mask(delta, num_examples=self.trainer.num_examples)
             ref = await blobs.ref_for(
                 masked,
-                name=f"{self.run_id}/masked/{rnd}/{self.client_id}",
+                name=f"{self.run_id}/masked/{rnd}/{secrets.token_hex(16)}",
                 store=self.store,
                 inline_limit=self.inline_limit,
             )
@@ -417,6 +448,14 @@ class FlClient:
         finally:
             if not training.done():
                 training.cancel()
+
+
+def _remember(table: OrderedDict[RoundKey, Any], key: RoundKey, value: Any) -> None:
+    """Keep ``value`` under ``key``, forgetting the oldest entries beyond a few rounds' worth."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > _REMEMBERED:
+        table.popitem(last=False)
 
 
 def _corrupt(ref: ModelRef, how: str) -> ModelRef:

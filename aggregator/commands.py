@@ -5,6 +5,7 @@ point.
 
     fedbus fl run examples/fl-digits.yaml --simulate 10               # 10 clients, in-memory broker
     fedbus fl run examples/fl-digits.yaml --simulate 10 --server nats://127.0.0.1:4222   # same, real broker
+    fedbus fl run examples/fl-digits.yaml --simulate 10 --server nats://… --resume  # continue that run
     fedbus agent aggregator examples/fl-digits.yaml --server nats://…  # deployed: the aggregator alone
     fedbus fl client examples/fl-digits.yaml --index 3 --server nats://…  # deployed: client 3 of 10
 
@@ -32,7 +33,7 @@ from fedbus.bus.errors import ConfigError, FedbusError
 from fedbus.bus.signing import AgentKey, KeyRing
 
 from .config import FlConfig, load_config
-from .federation import SimulationOptions, client_id, open_object_store, simulate, watch
+from .federation import STATE_BUCKET, SimulationOptions, client_id, open_object_store, simulate, watch
 from .progress import ProgressView, metrics_table
 from .server import Aggregator, RunResult
 
@@ -113,6 +114,9 @@ def fl() -> None:
     help="Write the final model to this ONNX file (checked with onnxruntime).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics and history as JSON.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run if its run_id already has state (else that is an error)."
+)
 @click.option("--log-level", default=None, help="Library log level (default: warning).")
 def run_cmd(
     config_path: Path,
@@ -121,16 +125,19 @@ def run_cmd(
     state_dir: Path | None,
     onnx: Path | None,
     as_json: bool,
+    resume: bool,
     log_level: str | None,
 ) -> None:
-    """Run the federation in CONFIG_PATH; with --simulate N, with N clients in this process."""
+    """Run the federation in CONFIG_PATH; with --simulate N, with N clients in this process. A run_id that
+    already has state on the broker (or in --state-dir) is refused unless --resume."""
     configure_logging(log_level)
     try:
         config = load_config(config_path)
     except FedbusError as exc:
         fail(exc)
     if simulate_n is None:
-        _serve_aggregator(config, server, state_dir, as_json, _prepare(config, config.clients.count).initial)
+        initial = _prepare(config, config.clients.count).initial
+        _serve_aggregator(config, server, state_dir, as_json, initial, resume=resume)
         return
     federation = _prepare(config, simulate_n)
     import torch
@@ -138,7 +145,7 @@ def run_cmd(
     torch.set_num_threads(1)  # N clients train in parallel threads; one BLAS thread each
 
     async def main() -> RunResult:
-        options = SimulationOptions(server=server, state_dir=state_dir)
+        options = SimulationOptions(server=server, state_dir=state_dir, resume=resume)
         with ProgressView(
             err, config.settings.rounds, title=f"{config.settings.run_id} ({simulate_n} clients)"
         ) as view:
@@ -162,8 +169,10 @@ def _serve_aggregator(
     as_json: bool,
     initial: np.ndarray,
     trust: Path | None = None,
+    *,
+    resume: bool = True,
 ) -> None:
-    """The aggregator alone, for clients running elsewhere."""
+    """The aggregator alone, for clients running elsewhere; ``resume=False`` refuses an existing run id."""
     s = config.settings
     keyring = KeyRing.load(trust) if trust else KeyRing()
 
@@ -184,10 +193,13 @@ def _serve_aggregator(
                 strategy=config.build_strategy(config.clients.count),
                 initial_model=initial,
                 store=store,
+                state_store=await open_object_store(bus, fallback=fallback, bucket=STATE_BUCKET),
                 client_config=config.client_config(),
                 secure=config.secure,
                 trust_on_first_use=trust is None,
+                resume=resume,
             )
+            await agg.refuse_existing()
             with ProgressView(err, s.rounds, title=f"{s.run_id} (aggregator)") as view:
                 watcher = Bus(
                     transport_for(server, client_id=f"watch-{s.run_id}"), source=f"watch-{s.run_id}"

@@ -11,7 +11,7 @@
     clients:  {count: 10, local_epochs: 1, batch_size: 16, lr: 0.05}
     strategy: {name: fedavg}                       # + its parameters, e.g. {name: fedadam, server_lr: 0.01}
     round:    {fraction: 1.0, min_clients: 8, timeout_s: 30, mode: sync, evaluate_every: 1}
-    privacy:  {clip_norm: 1.0, noise_multiplier: 0.8, delta: 1.0e-5}      # optional: central DP
+    privacy:  {clip_norm: 1.0, noise_multiplier: 0.8, delta: 1.0e-5}      # optional: central DP (sync)
     secure_aggregation: {threshold: 6}                                      # optional: SecAgg+
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from fedbus.bus import subjects
 from fedbus.bus.errors import ConfigError
 from fedbus.bus.events import Params
+from fedbus.bus.roles import validate_id
 
 from .errors import FlError
 from .privacy import CentralDp
@@ -87,7 +87,7 @@ class RoundSettings:
     max_staleness: int = 20
 
     def __post_init__(self) -> None:
-        subjects.validate_token(self.run_id, what="run_id")
+        validate_id(self.run_id, what="run_id")
         checks = [
             (self.rounds >= 1, "rounds", "must be >= 1"),
             (self.mode in ("sync", "async"), "round.mode", "must be 'sync' or 'async'"),
@@ -152,6 +152,10 @@ class PrivacySpec:
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     seed: int | None = None
+    """Seeds the noise and the sample (reproducible runs): whoever knows it can re-draw the sample."""
+    amplification: bool = True
+    """Report ε with the amplification of the secret Poisson sample. Set ``false`` where the selection can
+    be observed (a broker without per-client permissions): ε is then the unamplified one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +199,7 @@ class FlConfig:
 
     def central_dp(self, population: int) -> CentralDp | None:
         """The central DP mechanism for ``population`` clients (``None`` without ``privacy:``); its fixed
-        denominator is the sample size every round draws."""
+        denominator is the expected size of every round's Poisson sample."""
         if self.privacy is None:
             return None
         p, s = self.privacy, self.settings
@@ -207,6 +211,7 @@ class FlConfig:
             expected_clients=expected,
             population=population,
             seed=p.seed,
+            amplification=p.amplification,
         )
 
     def build_strategy(self, population: int) -> Strategy:
@@ -306,6 +311,12 @@ def parse_config(raw: Any, *, source: str = "") -> FlConfig:
         secure=secure,
         source=source,
     )
+    if privacy is not None and settings.mode != "sync":
+        raise ConfigError(
+            "central DP needs round.mode: sync (an asynchronous buffer is no sampled Gaussian mechanism)",
+            key="round.mode",
+            source=source,
+        )
     if secure is not None:
         if privacy is not None:
             raise ConfigError(

@@ -3,6 +3,7 @@
 FedbusError
 ├── ConfigError                 (fedbus.bus) a bad fl.yaml key, named
 └── FlError
+    ├── RunExists               a new run was asked for, but its run id has state (also a ConfigError)
     ├── RoundError              a round that cannot complete (too few clients before the deadline)
     ├── UpdateRejected          a malformed, wrong-shape, stale or duplicate update (carries the reason)
     ├── StrategyError           a strategy misused (no updates, bad parameters)
@@ -12,13 +13,36 @@ FedbusError
 
 from __future__ import annotations
 
-from fedbus.bus.errors import FedbusError
+from fedbus.bus.errors import ConfigError, FedbusError
 
-__all__ = ["FlError", "PrivacyError", "RoundError", "SecAggError", "StrategyError", "UpdateRejected"]
+__all__ = [
+    "FlError",
+    "PrivacyError",
+    "RoundError",
+    "RunExists",
+    "SecAggError",
+    "StrategyError",
+    "UpdateRejected",
+]
 
 
 class FlError(FedbusError):
     """Base of the federated-learning errors."""
+
+
+class RunExists(FlError, ConfigError):
+    """The run id already names a run (a checkpoint exists): starting it afresh would mix two runs. Also a
+    :class:`ConfigError` (the ``run_id`` the user chose), so the CLI exits with the usage code."""
+
+    def __init__(self, run_id: str, *, round: int, rounds: int, finished: bool) -> None:
+        where = "finished" if finished else f"stopped before round {round} of {rounds}"
+        super().__init__(
+            f"run {run_id!r} already exists ({where}); continue it with --resume or choose another run_id",
+            key="run_id",
+        )
+        self.run_id = run_id
+        self.round = round
+        self.finished = finished
 
 
 class RoundError(FlError):

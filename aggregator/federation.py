@@ -36,7 +36,10 @@ from .filestore import FileObjectStore
 from .inbox import Inbox
 from .server import Aggregator, RunResult
 
-__all__ = ["SimulationOptions", "client_id", "open_object_store", "simulate", "watch"]
+__all__ = ["STATE_BUCKET", "SimulationOptions", "client_id", "open_object_store", "simulate", "watch"]
+
+STATE_BUCKET = "fl-state"
+"""The aggregator's own object bucket: checkpoints, which name the sampled clients (``fl`` is every client's)."""
 
 log = structlog.get_logger("fedbus.aggregator.federation")
 
@@ -58,6 +61,9 @@ class SimulationOptions:
     """Fault injection per client index."""
     security: Security = Security.STRICT
     """The aggregator's check of signed events (updates must be signed by a client key it trusts)."""
+    resume: bool = True
+    """Continue a run whose id already has state; ``False`` refuses it (:class:`RunExists`) before any
+    client starts."""
 
 
 async def open_object_store(bus: Bus, *, fallback: Path, bucket: str = "fl") -> ObjectStore:
@@ -122,6 +128,7 @@ async def simulate(
                 Bus(transport("aggregator"), source="aggregator", keyring=keyring, security=opts.security)
             )
             store = await open_object_store(agg_bus, fallback=state_dir)
+            state_store = await open_object_store(agg_bus, fallback=state_dir, bucket=STATE_BUCKET)
             client_buses = [
                 await buses.enter_async_context(
                     Bus(transport(client_id(i)), source=client_id(i), key=keys[i])
@@ -137,10 +144,13 @@ async def simulate(
                 strategy=config.build_strategy(len(trainers)),
                 initial_model=initial,
                 store=store,
+                state_store=state_store,
                 client_config=config.client_config(),
                 secure=config.secure,
                 evaluate_fn=evaluate_fn,
+                resume=opts.resume,
             )
+            await aggregator.refuse_existing()  # before any client joins someone else's run
             clients = [
                 FlClient(
                     b,

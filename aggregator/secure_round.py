@@ -83,19 +83,19 @@ class SecureRound:
         started = agg.clock()
         p = self.server.params
         config = {**agg.client_config, **agg.strategy.configure(self.round)}
-        await agg.bus.publish(
+        await agg.announce(
             RoundStart(
                 run_id=s.run_id,
                 round=self.round,
                 kind="fit",
                 version=agg.state.version,
                 model=agg._model_ref(),
-                clients=self.sampled,
                 deadline_s=s.timeout_s,
                 config=config,
                 attempt=self.attempt,
                 secure=True,
-            )
+            ),
+            self.sampled,
         )
         try:
             await self._advertise()
@@ -213,7 +213,13 @@ class SecureRound:
             if (e := self._from(d, SecAggMasked)) is None:
                 return False
             try:
-                y = await blobs.fetch(e.masked, store=self.agg.store, length=self.agg.dim, dtype="uint32")
+                y = await blobs.fetch(
+                    e.masked,
+                    store=self.agg.store,
+                    length=self.agg.dim,
+                    dtype="uint32",
+                    within=f"{self.agg.settings.run_id}/masked/{self.round}/",
+                )
                 self.server.add_masked(e.client_id, np.asarray(y, np.uint32))
             except (UpdateRejected, SecAggError) as exc:
                 await self.agg._refuse(

@@ -6,23 +6,28 @@
         result = await Aggregator(bus, settings=settings, strategy=make_strategy("fedavg"),
                                   initial_model=weights, store=store).run()
 
-Each round it samples live clients, publishes :class:`RoundStart`, folds :class:`ModelUpdate` events in as
-they arrive, closes on all-answered / ``min_clients`` / deadline, stores and publishes the new global model.
-Vanished clients are noticed by their missing heartbeats, so no round waits on the dead. State is
-checkpointed (see :mod:`fedbus.aggregator.state`): a restarted aggregator resumes the run where it stopped.
-Secure rounds are delegated to :mod:`fedbus.aggregator.secure_round`, the asynchronous (FedBuff) mode to
-:mod:`fedbus.aggregator.async_rounds`.
+Each round it samples live clients, publishes :class:`RoundStart` (for everyone, naming no one) and a
+:class:`RoundInvite` to each sampled client alone, folds :class:`ModelUpdate` events in as they arrive,
+closes on all-answered / ``min_clients`` / deadline, stores and publishes the new global model. Vanished
+clients are noticed by their missing heartbeats, so no round waits on the dead. State is checkpointed (see
+:mod:`fedbus.aggregator.state`): a restarted aggregator resumes the run where it stopped; one started with
+``resume=False`` refuses a run id that already has state. Synchronous rounds live in
+:mod:`fedbus.aggregator.sync_rounds`, secure ones in :mod:`fedbus.aggregator.secure_round`, the asynchronous
+(FedBuff) mode in :mod:`fedbus.aggregator.async_rounds`.
+
+With central DP (``strategy.dp``) the run is *private*: the sample is a secret Poisson sample, and nothing
+published names or counts the clients of a round (no refusals, empty lists and no client counts or client
+metrics in :class:`RoundClose`), so the amplification the accountant counts on holds for bus observers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -35,7 +40,7 @@ from fedbus.bus.stores import ObjectStore
 from . import blobs
 from .async_rounds import AsyncRounds
 from .config import RoundSettings, SecureSpec
-from .errors import FlError, RoundError, UpdateRejected
+from .errors import FlError, RoundError, RunExists
 from .events import (
     ClientHeartbeat,
     ClientJoin,
@@ -44,7 +49,7 @@ from .events import (
     GlobalModel,
     ModelRef,
     ModelUpdate,
-    RoundClose,
+    RoundInvite,
     RoundStart,
     RunFinished,
     SecAggAdvertise,
@@ -56,10 +61,10 @@ from .events import (
 from .inbox import Inbox
 from .privacy import RdpAccountant
 from .registry import Registry, sample_clients
-from .round import EvalRound, FitRound, Verdict
-from .secure_round import SecureRound
-from .state import RoundProgress, RunState, StateStore
-from .strategies import Strategy, Update
+from .round import Verdict
+from .state import RunState, StateStore
+from .strategies import Strategy
+from .sync_rounds import SyncRounds
 
 __all__ = ["Aggregator", "RunResult"]
 
@@ -90,17 +95,22 @@ class Aggregator:
         strategy: Strategy,
         initial_model: Vector,
         store: ObjectStore,
+        state_store: ObjectStore | None = None,
         client_config: Params | None = None,
         secure: SecureSpec | None = None,
         evaluate_fn: Callable[[Vector], Params] | None = None,
         trust_on_first_use: bool = False,
+        resume: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus = bus
         self.settings = settings
         self.strategy = strategy
         self.store = store
-        self.states = StateStore(store, settings.run_id)
+        self.states = StateStore(store, settings.run_id, private=state_store)
+        self.resume = resume
+        self.private = strategy.dp is not None
+        """Central DP: the sample is secret, and nothing published names or counts a round's clients."""
         self.client_config = dict(client_config or {})
         self.secure = secure
         self.evaluate_fn = evaluate_fn
@@ -135,7 +145,7 @@ class Aggregator:
                     if self.settings.mode == "async":
                         await AsyncRounds(self).run()
                     else:
-                        await self._run_sync()
+                        await SyncRounds(self).run()
             except FlError as exc:
                 self.log.error("federation failed", error=str(exc))
                 await self.bus.publish(
@@ -171,7 +181,15 @@ class Aggregator:
         return dict(self.state.history[-1]) if self.state.history else {}
 
     # -- state -----------------------------------------------------------------------------------------------
+    async def refuse_existing(self) -> None:
+        """Raise :class:`RunExists` if ``resume`` is off and the run id already has a checkpoint."""
+        if not self.resume and (saved := await self.states.load()) is not None:
+            raise RunExists(
+                self.settings.run_id, round=saved.round, rounds=self.settings.rounds, finished=saved.finished
+            )
+
     async def _load(self) -> None:
+        await self.refuse_existing()
         saved = await self.states.load()
         if saved is None:
             self.state.model_object = await self.states.save_model(0, self.model, {"round": 0})
@@ -186,9 +204,12 @@ class Aggregator:
         if self.model.size != self.dim:
             raise FlError(f"checkpointed model has {self.model.size} values, the configured one {self.dim}")
         self.strategy.restore(saved.strategy)
-        if self.accountant is not None and saved.dp_rdp:
-            self.accountant.rdp = np.asarray(saved.dp_rdp, np.float64)
-            self.accountant.steps = saved.dp_steps
+        if self.accountant is not None and saved.dp_steps:
+            if len(saved.dp_rdp) == len(self.accountant.orders):
+                self.accountant.rdp = np.asarray(saved.dp_rdp, np.float64)
+                self.accountant.steps = saved.dp_steps
+            else:  # a checkpoint from another set of orders: every round so far had the run's q and σ
+                self.account(count=saved.dp_steps)
         self.log.info(
             "run resumed", round=saved.round, version=saved.version, in_progress=saved.progress is not None
         )
@@ -277,9 +298,42 @@ class Aggregator:
         )
         return False
 
+    def account(self, *, count: int = 1) -> None:
+        """Add ``count`` DP rounds to the accountant (at the accounted rate: q, or 1 without amplification)."""
+        if self.accountant is not None and self.strategy.dp is not None:
+            dp = self.strategy.dp
+            self.accountant.step(q=dp.accounted_rate, sigma=dp.noise_multiplier, count=count)
+
+    def sample(self, alive: list[str], *, round: int, attempt: int) -> list[str]:
+        """A fit round's sample: a secret Poisson sample in a private run, else the seeded fixed-size one."""
+        if self.strategy.dp is not None:
+            return self.strategy.dp.sample(alive, round=round, attempt=attempt)
+        s = self.settings
+        return sample_clients(
+            alive, fraction=s.fraction, min_clients=s.min_clients, seed=s.seed, round=round, attempt=attempt
+        )
+
+    async def announce(self, start: RoundStart, invited: list[str]) -> None:
+        """Open a round: ``start`` for everyone (with the invitation count unless private), then an
+        invitation on each invited client's own subject, which only that client may read."""
+        await self.bus.publish(msgspec.structs.replace(start, invited=None if self.private else len(invited)))
+        for cid in sorted(invited):
+            await self.bus.publish(
+                RoundInvite(
+                    client_id=cid,
+                    run_id=start.run_id,
+                    round=start.round,
+                    kind=start.kind,
+                    version=start.version,
+                    attempt=start.attempt,
+                )
+            )
+
     async def _refuse(self, round: int, client_id: str, reason: str, detail: str = "") -> None:
         self.refused += 1
         self.log.warning("update refused", round=round, client=client_id, reason=reason, detail=detail)
+        if self.private:
+            return  # a public refusal would say who was sampled
         await self.bus.publish(
             UpdateRefused(
                 run_id=self.settings.run_id, round=round, client_id=client_id, reason=reason, detail=detail
@@ -303,282 +357,13 @@ class Aggregator:
                 )
             delivery = await self._next(min(deadline, max(self._listening_until, self.clock() + 0.05)))
             if delivery is not None:
-                await self._stray(delivery)
+                await self.stray(delivery)
         return alive
 
-    async def _stray(self, delivery: Delivery[Any]) -> None:
+    async def stray(self, delivery: Delivery[Any]) -> None:
         """An update or report that belongs to no open round."""
         match delivery.event:
             case ModelUpdate(client_id=cid, round=r) | SecAggMasked(client_id=cid, round=r):
                 await self._refuse(r, cid, Verdict.LATE, "no fit round is open for it")
             case _:
                 pass
-
-    # -- synchronous rounds ----------------------------------------------------------------------------------
-    async def _run_sync(self) -> None:
-        s = self.settings
-        while self.state.round <= s.rounds:
-            rnd = self.state.round
-            metrics = await self._fit_round(rnd)
-            metrics = {"round": rnd, "version": self.state.version, **metrics}
-            if s.evaluate_every and (rnd % s.evaluate_every == 0 or rnd == s.rounds):
-                metrics.update(await self._eval_round(rnd))
-            if self.evaluate_fn is not None:
-                metrics.update(await asyncio.to_thread(self.evaluate_fn, self.model))
-            if self.accountant is not None and self.strategy.dp is not None:
-                metrics["epsilon"] = self.accountant.epsilon(self.strategy.dp.delta)
-            self.state.history.append(metrics)
-            self.state.round = rnd + 1
-            self.state.progress = None
-            await self.states.store.put_bytes(
-                f"{self.states.model_name(self.state.version)}.json", _json(metrics)
-            )
-            await self._checkpoint(force=True)
-            await self.bus.publish(
-                RoundClose(
-                    run_id=s.run_id,
-                    round=rnd,
-                    kind="summary",
-                    status="ok",
-                    version=self.state.version,
-                    metrics=metrics,
-                )
-            )
-        self.state.finished = True
-        await self._checkpoint(force=True)
-
-    async def _fit_round(self, rnd: int) -> Params:
-        """Run fit round ``rnd`` (re-sampling on failure) until it succeeds; returns its metrics."""
-        s = self.settings
-        progress = self.state.progress
-        attempt = progress.attempt if progress is not None and progress.round == rnd else 0
-        while True:
-            if attempt >= s.max_attempts:
-                raise RoundError(f"failed {attempt} times", round=rnd, needed=s.min_clients)
-            if self.secure is not None:
-                alive = await self._wait_for_clients(s.min_available)
-                sampled = sample_clients(
-                    alive,
-                    fraction=s.fraction,
-                    min_clients=s.min_clients,
-                    seed=s.seed,
-                    round=rnd,
-                    attempt=attempt,
-                )
-                outcome = await SecureRound(self, rnd, attempt, sampled).run()
-            else:
-                outcome = await self._plain_round(rnd, attempt)
-            if outcome is not None:
-                return outcome
-            attempt += 1
-
-    async def _plain_round(self, rnd: int, attempt: int) -> Params | None:
-        s = self.settings
-        progress = self.state.progress
-        resuming = progress is not None and progress.round == rnd and progress.attempt == attempt
-        if resuming:
-            assert progress is not None
-            sampled = progress.sampled
-            await self._wait_for_clients(min(s.min_available, len(set(sampled) - set(progress.received))))
-        else:
-            alive = await self._wait_for_clients(s.min_available)
-            sampled = sample_clients(
-                alive, fraction=s.fraction, min_clients=s.min_clients, seed=s.seed, round=rnd, attempt=attempt
-            )
-        started = self.clock()
-        fit = FitRound(
-            round=rnd,
-            attempt=attempt,
-            version=self.state.version,
-            sampled=sampled,
-            min_clients=min(s.min_clients, len(sampled)),
-            deadline=started + s.timeout_s,
-            close_early=s.close_early,
-            aggregate=self.strategy.begin(rnd, dim=self.dim, capacity=len(sampled)),
-        )
-        if resuming:
-            assert progress is not None
-            if progress.aggregate:  # empty when the round was checkpointed before anything was folded
-                fit.aggregate.restore(progress.aggregate)
-            fit.received = list(progress.received)
-        else:
-            self.state.progress = RoundProgress(
-                round=rnd, attempt=attempt, sampled=sampled, started_version=self.state.version
-            )
-            await self._checkpoint(force=True)
-        rlog = self.log.bind(round=rnd, attempt=attempt)
-        config = {**self.client_config, **self.strategy.configure(rnd)}
-        await self.bus.publish(
-            RoundStart(
-                run_id=s.run_id,
-                round=rnd,
-                kind="fit",
-                version=self.state.version,
-                model=self._model_ref(),
-                clients=fit.pending,
-                deadline_s=s.timeout_s,
-                config=config,
-                attempt=attempt,
-            )
-        )
-        rlog.info("round started", sampled=len(sampled), pending=len(fit.pending), resumed=resuming)
-        while not fit.closed(self.clock()):
-            delivery = await self._next(fit.deadline)
-            for cid in fit.pending:
-                if not self.registry.is_alive(cid, self.clock()):
-                    fit.drop(cid)
-                    rlog.warning("client vanished", client=cid)
-            if delivery is None:
-                continue
-            match delivery.event:
-                case ModelUpdate() as update:
-                    await self._on_update(fit, update, delivery)
-                case EvalReport():
-                    pass  # a report of an evaluation round that already closed
-                case _:
-                    await self._stray(delivery)
-        late = [c for c in fit.pending if c not in fit.dropped]
-        status = "ok" if fit.succeeded else "failed"
-        close = RoundClose(
-            run_id=s.run_id,
-            round=rnd,
-            kind="fit",
-            status=status,
-            version=self.state.version,
-            received=list(fit.received),
-            late=late,
-            dropped=sorted(fit.dropped),
-            rejected=sorted(fit.rejected),
-            duration_s=self.clock() - started,
-        )
-        if not fit.succeeded:
-            rlog.warning(
-                "round failed",
-                received=len(fit.received),
-                needed=fit.min_clients,
-                late=len(late),
-                dropped=len(fit.dropped),
-            )
-            self.state.progress = None
-            await self.bus.publish(close)
-            return None
-        self.state.progress.aggregate = fit.aggregate.state()  # type: ignore[union-attr]
-        self.state.progress.received = list(fit.received)  # type: ignore[union-attr]
-        await self._checkpoint(force=True)  # the round's inputs are safe: their blobs may go
-        for name in fit.blobs:
-            await self.store.delete(name)
-        new_model = self.strategy.finish(self.model, fit.aggregate)
-        if self.accountant is not None and self.strategy.dp is not None:
-            dp = self.strategy.dp
-            self.accountant.step(q=dp.sampling_rate, sigma=dp.noise_multiplier)
-        metrics: Params = {
-            **fit.summary(),
-            "clients": len(fit.received),
-            "late": len(late),
-            "dropped": len(fit.dropped),
-            "rejected": len(fit.rejected),
-        }
-        await self._new_version(new_model, metrics, round=rnd)
-        await self.bus.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=rnd,
-                kind="fit",
-                status="ok",
-                version=self.state.version,
-                received=close.received,
-                late=late,
-                dropped=close.dropped,
-                rejected=close.rejected,
-                duration_s=close.duration_s,
-                metrics=metrics,
-            )
-        )
-        rlog.info(
-            "round closed",
-            clients=len(fit.received),
-            late=len(late),
-            dropped=len(fit.dropped),
-            rejected=len(fit.rejected),
-            version=self.state.version,
-            seconds=round(close.duration_s, 4),
-        )
-        return metrics
-
-    async def _on_update(self, fit: FitRound, event: ModelUpdate, delivery: Delivery[Any]) -> None:
-        cid = event.client_id
-        if not self._genuine(delivery, cid):
-            return
-        verdict = fit.check(cid, event.round, event.base_version)
-        if verdict is not Verdict.ACCEPTED:
-            await self._refuse(event.round, cid, verdict)
-            return
-        try:
-            delta = await blobs.fetch(event.update, store=self.store, length=self.dim)
-            if event.num_examples <= 0:
-                raise UpdateRejected("bad_examples", f"num_examples={event.num_examples}")
-        except UpdateRejected as exc:
-            fit.reject(cid, exc.reason)
-            await self._refuse(event.round, cid, exc.reason, str(exc))
-            return
-        fit.accept(Update(cid, delta, event.num_examples, metrics=event.metrics))
-        if event.update.object is not None:
-            fit.blobs.append(event.update.object)
-        assert self.state.progress is not None
-        self.state.progress.received = list(fit.received)
-        self.state.progress.aggregate = fit.aggregate.state()
-        await self._checkpoint()
-
-    async def _eval_round(self, rnd: int) -> Params:
-        s = self.settings
-        alive = self.registry.alive(self.clock())
-        if not alive:
-            return {}
-        sampled = sample_clients(
-            alive, fraction=s.fraction_evaluate, min_clients=1, seed=s.seed + 1, round=rnd
-        )
-        started = self.clock()
-        ev = EvalRound(round=rnd, version=self.state.version, sampled=sampled, deadline=started + s.timeout_s)
-        await self.bus.publish(
-            RoundStart(
-                run_id=s.run_id,
-                round=rnd,
-                kind="evaluate",
-                version=self.state.version,
-                model=self._model_ref(),
-                clients=sampled,
-                deadline_s=s.timeout_s,
-                config=dict(self.client_config),
-            )
-        )
-        while not ev.closed(self.clock()):
-            delivery = await self._next(ev.deadline)
-            for cid in sampled:
-                if not self.registry.is_alive(cid, self.clock()):
-                    ev.drop(cid)
-            if delivery is None:
-                continue
-            match delivery.event:
-                case EvalReport() as r if self._genuine(delivery, r.client_id):
-                    ev.offer(r.client_id, r.round, r.version, r.num_examples, r.loss, r.metrics)
-                case _:
-                    await self._stray(delivery)
-        metrics = ev.summary()
-        await self.bus.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=rnd,
-                kind="evaluate",
-                status="ok",
-                version=self.state.version,
-                received=sorted(ev.reports),
-                dropped=sorted(ev.dropped),
-                duration_s=self.clock() - started,
-                metrics=metrics,
-            )
-        )
-        return metrics
-
-
-def _json(metrics: Params) -> bytes:
-    return json.dumps(metrics, sort_keys=True).encode()

@@ -6,6 +6,8 @@ Saved in any :class:`~fedbus.bus.stores.ObjectStore` (JetStream's on a broker, a
   ``<run>/model/v<version>.json``: the metrics of the round that produced it;
 * ``<run>/state/a`` and ``<run>/state/b``: checkpoints written alternately, each with a sequence number,
   so a crash while writing one leaves the other intact; :meth:`StateStore.load` takes the newest valid one.
+  They name the sampled clients, so they go to a store of their own when one is given (``private``): the
+  models are for every client to read, the sample is for the aggregator alone.
 
 A checkpoint holds the round number, the global model version, the strategy's state (server optimizer
 moments), the privacy accountant, and the round in progress: the sampled clients, who answered, and the
@@ -88,8 +90,9 @@ _DECODER = msgspec.msgpack.Decoder(RunState, ext_hook=_ext_hook)
 class StateStore:
     """Checkpoints and lineage of one run in an object store."""
 
-    def __init__(self, store: ObjectStore, run_id: str) -> None:
+    def __init__(self, store: ObjectStore, run_id: str, *, private: ObjectStore | None = None) -> None:
         self.store = store
+        self.private = private if private is not None else store
         self.run_id = run_id
         self.seq = 0
 
@@ -122,14 +125,14 @@ class StateStore:
         self.seq = max(self.seq, state.seq) + 1
         state.seq = self.seq
         slot = "a" if self.seq % 2 else "b"
-        await self.store.put_bytes(f"{self.run_id}/state/{slot}", _ENCODER.encode(state))
+        await self.private.put_bytes(f"{self.run_id}/state/{slot}", _ENCODER.encode(state))
 
     async def load(self) -> RunState | None:
         """The newest valid checkpoint, or ``None`` for a new run."""
         best: RunState | None = None
         for slot in ("a", "b"):
             try:
-                state = _DECODER.decode(await self.store.get_bytes(f"{self.run_id}/state/{slot}"))
+                state = _DECODER.decode(await self.private.get_bytes(f"{self.run_id}/state/{slot}"))
             except NotFound:
                 continue
             except (IntegrityError, msgspec.DecodeError, msgspec.ValidationError, StoreError) as exc:

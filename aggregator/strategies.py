@@ -188,8 +188,9 @@ class MeanAggregate(Aggregate):
         self.clients.append(update.client_id)
 
     def result(self) -> Vector:
-        """The mean, computed once; without DP in place in the accumulator (no second model-sized array)."""
-        if self.count == 0:
+        """The mean, computed once; without DP in place in the accumulator (no second model-sized array).
+        With DP a round without updates is valid (noise only): the mechanism divides by a fixed m."""
+        if self.count == 0 and self.dp is None:
             raise StrategyError("no updates to aggregate")
         if self._final is None:
             if self.dp is None:

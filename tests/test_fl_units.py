@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -11,13 +12,15 @@ import fedbus.aggregator as fl
 from fedbus.aggregator import blobs
 from fedbus.aggregator.config import parse_config
 from fedbus.aggregator.errors import UpdateRejected
-from fedbus.aggregator.events import ModelRef
+from fedbus.aggregator.events import ModelRef, ModelUpdate, RoundInvite, SecAggShares
 from fedbus.aggregator.filestore import FileObjectStore
+from fedbus.aggregator.privacy import CentralDp, poisson_sample
 from fedbus.aggregator.registry import Registry, sample_clients
 from fedbus.aggregator.round import EvalRound, FitRound, Verdict
 from fedbus.aggregator.state import RoundProgress, RunState, StateStore
 from fedbus.aggregator.strategies import MeanAggregate, Update
-from fedbus.bus.errors import ConfigError, IntegrityError
+from fedbus.bus.codec import Codec
+from fedbus.bus.errors import ConfigError, IntegrityError, SchemaError
 
 
 def test_public_api_is_pinned() -> None:
@@ -117,6 +120,74 @@ def test_sampling_is_seeded_and_respects_minimums() -> None:
     assert sample_clients(pool[:3], fraction=0.5, min_clients=5, seed=1, round=1) == pool[:3]
 
 
+def test_poisson_sample_draws_each_client_alone_with_rate_q() -> None:
+    pool = [f"c{i:04d}" for i in range(2000)]
+    a = poisson_sample(pool, 0.3, seed=7, key=(4, 0))
+    assert a == poisson_sample(list(reversed(pool)), 0.3, seed=7, key=(4, 0))  # reproducible with a seed
+    assert a != poisson_sample(pool, 0.3, seed=7, key=(5, 0))
+    assert a == sorted(a) and set(a) <= set(pool)
+    assert abs(len(a) - 600) < 5 * (2000 * 0.3 * 0.7) ** 0.5  # Binomial(2000, 0.3): the size varies too
+    sizes = {len(poisson_sample(pool[:20], 0.3, seed=7, key=(r, 0))) for r in range(30)}
+    assert len(sizes) > 3
+    secret = [poisson_sample(pool[:200], 0.5) for _ in range(2)]  # no seed: the OS's CSPRNG
+    assert secret[0] != secret[1]
+    dp = CentralDp(expected_clients=3, population=10, seed=1)
+    assert dp.sample(pool[:10], round=1) == dp.sample(pool[:10], round=1) == poisson_sample(
+        pool[:10], 0.3, seed=1, key=(1, 0, 1)
+    )
+
+
+async def test_update_blobs_outside_the_rounds_prefix_are_refused(tmp_path: Path) -> None:
+    """A client may not point the aggregator at the run's models (it deletes a round's blobs afterwards)."""
+    store = FileObjectStore(tmp_path)
+    model = np.arange(4, dtype=np.float32)
+    ref = await blobs.ref_for(model, name="run/model/v0", store=store, inline_limit=0)
+    with pytest.raises(UpdateRejected) as info:
+        await blobs.fetch(ref, store=store, length=4, within="run/update/1/")
+    assert info.value.reason == "bad_object"
+    ok = await blobs.ref_for(model, name="run/update/1/abc", store=store, inline_limit=0)
+    np.testing.assert_array_equal(await blobs.fetch(ok, store=store, length=4, within="run/update/1/"), model)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"client_id": "../../etc"},
+        {"client_id": "a.b"},
+        {"client_id": "x" * 65},
+        {"run_id": "run.>"},
+        {"update": {"sha256": "0" * 64, "length": 4, "object": "../state/a"}},
+        {"update": {"sha256": "0" * 64, "length": 4, "object": "run/model/v0.json"}},
+        {"update": {"sha256": "nothex", "length": 4, "inline": b""}},
+    ],
+)
+def test_hostile_ids_and_object_names_fail_in_the_schema(hostile: dict[str, object]) -> None:
+    codec = Codec()
+    good = ModelUpdate(
+        run_id="run",
+        round=1,
+        client_id="client-0001",
+        base_version=0,
+        update=ModelRef(sha256="0" * 64, length=4, object="run/update/1/abc"),
+        num_examples=3,
+    )
+    env = codec.envelope(good, source="client-0001")
+    assert codec.decode(env) == good
+    payload = {**msgspec.msgpack.decode(env.data), **hostile}
+    with pytest.raises(SchemaError):
+        codec.decode(msgspec.structs.replace(env, data=msgspec.msgpack.encode(payload)))
+
+
+def test_ids_in_secagg_maps_and_invites_are_checked() -> None:
+    codec = Codec()
+    for event in (
+        SecAggShares(run_id="r", round=1, client_id="c1", ciphertexts={"../c2": b"x"}),
+        RoundInvite(client_id="c1/", run_id="r", round=1, kind="fit", version=0),
+    ):
+        with pytest.raises(SchemaError):
+            codec.decode(codec.envelope(event, source="c1"))
+
+
 async def test_model_refs_inline_and_stored(tmp_path: Path) -> None:
     store = FileObjectStore(tmp_path)
     v = np.arange(1000, dtype=np.float32)
@@ -185,6 +256,17 @@ async def test_lineage_keeps_every_version(tmp_path: Path) -> None:
     np.testing.assert_array_equal(await states.load_model(2), np.full(3, 2, np.float32))
 
 
+async def test_checkpoints_naming_the_sample_stay_out_of_the_shared_bucket(tmp_path: Path) -> None:
+    shared, private = FileObjectStore(tmp_path, "fl"), FileObjectStore(tmp_path, "fl-state")
+    states = StateStore(shared, "r", private=private)
+    await states.save_model(0, np.zeros(3, np.float32), {"round": 0})
+    await states.save(RunState(run_id="r", progress=RoundProgress(round=1, attempt=0, sampled=["c7"])))
+    assert {i.name for i in await shared.list()} == {"r/model/v0", "r/model/v0.json"}
+    assert [i.name for i in await private.list()] == ["r/state/a"]
+    loaded = await StateStore(shared, "r", private=private).load()
+    assert loaded is not None and loaded.progress is not None and loaded.progress.sampled == ["c7"]
+
+
 @pytest.mark.parametrize(
     ("patch", "key"),
     [
@@ -198,6 +280,10 @@ async def test_lineage_keeps_every_version(tmp_path: Path) -> None:
         ({"privacy": {"clip_norm": 1.0}, "secure_aggregation": {"threshold": 2}}, "privacy"),
         ({"strategy": {"name": "fedavg", "beta": 0.1}}, "strategy"),
         ({"colour": "blue"}, "colour"),
+        ({"run_id": "a.b"}, "run_id"),
+        ({"run_id": "x" * 65}, "run_id"),
+        ({"privacy": {"clip_norm": 1.0}, "round": {"mode": "async"}}, "round.mode"),
+        ({"privacy": {"amplification": "yes"}}, "privacy.amplification"),
     ],
 )
 def test_config_errors_name_the_key(patch: dict[str, object], key: str) -> None:

@@ -11,7 +11,7 @@ from fedbus.aggregator.errors import PrivacyError
 from fedbus.aggregator.privacy import RdpAccountant, epsilon_from_rdp, rdp_sampled_gaussian
 
 
-def _rdp_by_integration(q: float, sigma: float, alpha: int) -> float:
+def _rdp_by_integration(q: float, sigma: float, alpha: float) -> float:
     """D_α(μ₁‖μ₀) with μ₀ = N(0, σ²), μ₁ = (1−q)·N(0, σ²) + q·N(1, σ²), by quadrature."""
     z = np.linspace(-40 * sigma, 40 * sigma + 1, 400_001)
     log_mu0 = -z * z / (2 * sigma**2)
@@ -25,6 +25,19 @@ def _rdp_by_integration(q: float, sigma: float, alpha: int) -> float:
 def test_sampled_gaussian_rdp_matches_numerical_integration(q: float, sigma: float, alpha: int) -> None:
     (ours,) = rdp_sampled_gaussian(q, sigma, (alpha,))
     assert ours == pytest.approx(_rdp_by_integration(q, sigma, alpha), rel=1e-4)
+
+
+@pytest.mark.parametrize(("q", "sigma"), [(0.01, 0.8), (0.1, 0.5), (0.1, 1.0), (0.3, 2.0)])
+@pytest.mark.parametrize("alpha", [1.5, 2.5, 4.7])
+def test_fractional_orders_bound_the_integrated_divergence(q: float, sigma: float, alpha: float) -> None:
+    """The fractional-order series (absolute binomial terms) is an upper bound: close to the divergence
+    where it converges, +∞ (an order the accountant then never picks) where it does not."""
+    (ours,) = rdp_sampled_gaussian(q, sigma, (alpha,))
+    exact = _rdp_by_integration(q, sigma, alpha)
+    assert ours >= exact * (1 - 1e-6), (ours, exact)
+    assert math.isinf(ours) or ours <= exact * 1.1, (ours, exact)
+    if alpha > 4:
+        assert ours <= exact * 1.002, (ours, exact)
 
 
 def test_plain_gaussian_is_alpha_over_two_sigma_squared() -> None:
@@ -60,6 +73,7 @@ def test_invalid_parameters_raise() -> None:
     with pytest.raises(PrivacyError):
         rdp_sampled_gaussian(0.0, 1.0)
     with pytest.raises(PrivacyError):
-        rdp_sampled_gaussian(0.5, 0.0)
+        rdp_sampled_gaussian(0.5, -1.0)
+    assert np.isinf(rdp_sampled_gaussian(0.5, 0.0)).all()  # no noise: no privacy, said so
     with pytest.raises(PrivacyError):
         epsilon_from_rdp(np.zeros(3), 1.5, (2, 3, 4))
