@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["bench_bus", "bench_durable", "bench_mqtt", "bench_objects", "bench_launch", "bench_fl"]
+BENCHES = ["bench_bus", "bench_durable", "bench_mqtt", "bench_objects", "bench_launch", "bench_fl", "bench_auth"]
 
 
 def main() -> int:

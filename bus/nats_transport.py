@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +61,16 @@ class _NatsSubscription(Subscription):
             except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
                 pass  # already gone with the connection
         self.end()
+
+
+class _QuietTlsClose(logging.Filter):
+    """nats-py's protocol returns True from ``eof_received`` and asyncio warns about it on every TLS close."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 
 
 def _refused(exc: BaseException) -> bool:
