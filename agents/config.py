@@ -10,6 +10,9 @@
     price_per_hour: 1.2          # per GPU (per node for CPU-only jobs)
     labels: {zone: eu-west}
     address: 10.0.0.5            # MASTER_ADDR other nodes reach this one at
+    creds: /etc/fedbus/gpu-1.creds   # secure mode: id, login and signing key (fedbus creds issue)
+    work_dir: /var/lib/fedbus-jobs   # job work dirs, outside state_dir
+    job_user: fedbus-job         # jobs run as this user when the agent is root (default: nobody)
     resources:                   # declared resources win over detected ones
       gpus: 2
       gpu_model: A100
@@ -56,6 +59,9 @@ class AgentFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     labels: dict[str, str] = {}
     address: str | None = None
     scheduler_id: str | None = None
+    creds: str | None = None
+    work_dir: str | None = None
+    job_user: str | None = None
     resources: ResourcesFile = ResourcesFile()
     policy: str | None = None
 

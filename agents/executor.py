@@ -1,8 +1,10 @@
 """Running one node of a job: ``bootstrap``, then ``job`` (``processes_per_node`` copies), as subprocesses.
 
-Each command runs through ``bash -c`` in its own process group (``start_new_session``), with the agent's
-defaults for every job (:func:`agent_env`: the broker URL and the agent's Python), the job's env over them,
-torchrun-style rendezvous variables and ``CUDA_VISIBLE_DEVICES``. Output lines go to a sink as they come.
+Each command runs through ``bash -c`` in its own process group (``start_new_session``), as the job's user
+(:class:`~fedbus.agents.jobhost.JobUser`: never root when the agent is root), with the agent's environment
+scrubbed of its secrets (:func:`~fedbus.agents.jobhost.scrub_env`), the agent's defaults for every job
+(:func:`agent_env`: the broker URL and the agent's Python), the job's env over them, torchrun-style
+rendezvous variables and ``CUDA_VISIBLE_DEVICES``. Output lines go to a sink as they come.
 When one copy of ``job`` fails, the others are stopped (as torchrun does). Stopping is SIGTERM to the whole
 group, then SIGKILL after the grace period; whatever is left of a group is killed when it ends, so no
 stray process outlives its job.
@@ -16,14 +18,15 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 import structlog
 
+from .jobhost import JobUser, scrub_env
 from .jobspec import JobSpec
 
 __all__ = ["ExitResult", "InstantRunner", "Launch", "LineSink", "Runner", "SubprocessRunner",
@@ -109,15 +112,20 @@ class SubprocessRunner:
 
     With ``pid_dir``, the process groups of each running job are written there, so that an agent killed
     with SIGKILL can reap what it left behind when it starts again (:func:`reap_orphans`). ``env`` is set
-    for every job (usually :func:`agent_env`), over the agent's own environment and under the job's ``env``.
+    for every job (usually :func:`agent_env`), over the agent's own environment (scrubbed: nothing secret, no
+    value naming a ``secret_paths`` entry) and under the job's ``env``. With a ``user`` other than the
+    agent's, processes run as that user, its primary group and no supplementary groups.
     """
 
     def __init__(self, *, grace_s: float = 10.0, shell: str | None = None,
-                 pid_dir: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 pid_dir: Path | None = None, env: Mapping[str, str] | None = None,
+                 user: JobUser | None = None, secret_paths: Iterable[Path] = ()) -> None:
         self.grace_s = grace_s
         self.shell = shell or shutil.which("bash") or "/bin/sh"
         self.pid_dir = pid_dir
         self.env = dict(env or {})
+        self.user = user
+        self.secret_paths = tuple(secret_paths)
 
     async def run(self, launch: Launch, sink: LineSink, *, started: Callable[[], Awaitable[None]],
                   stop: asyncio.Event) -> ExitResult:
@@ -131,7 +139,9 @@ class SubprocessRunner:
     async def _run(self, launch: Launch, sink: LineSink, started: Callable[[], Awaitable[None]],
                    stop: asyncio.Event, pids: Path | None) -> ExitResult:
         spec = launch.spec
-        base = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **spec.env}
+        user_env = self.user.env(launch.workdir) if self.user is not None else {}
+        base = {**scrub_env(os.environ, secret_paths=self.secret_paths), "PYTHONUNBUFFERED": "1", **user_env,
+                **self.env, **spec.env}
         if spec.bootstrap:
             sink("system", 0, "running bootstrap")
             result = await self._group([(spec.bootstrap, {**base, **rendezvous_env(launch, 0)}, 0)],
@@ -150,13 +160,16 @@ class SubprocessRunner:
                      stop: asyncio.Event, timeout: float | None, pids: Path | None) -> ExitResult:
         procs: list[tuple[asyncio.subprocess.Process, int]] = []
         pumps: list[asyncio.Task[None]] = []
+        who: dict[str, Any] = {}
+        if self.user is not None and self.user.switches:
+            who = {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
         try:
             async with asyncio.TaskGroup() as tg:
                 for command, env, rank in commands:
                     proc = await asyncio.create_subprocess_exec(
                         self.shell, "-c", command, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
                         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                        start_new_session=True)
+                        start_new_session=True, **who)
                     procs.append((proc, rank))
                     if pids is not None:
                         pids.parent.mkdir(parents=True, exist_ok=True)

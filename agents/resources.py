@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import structlog
 
-__all__ = ["DeclaredResources", "GpuInfo", "Resources", "detect_gpus", "detect_resources", "free_disk_gb"]
+__all__ = ["DeclaredResources", "GpuInfo", "Resources", "detect_gpus", "detect_resources", "free_disk_gb",
+           "outbound_address"]
 
 log = structlog.get_logger("fedbus.agents.resources")
 _GB = 1024**3
@@ -180,3 +183,14 @@ def detect_resources(declared: DeclaredResources | None = None, *, work_dir: Pat
     log.info("resources", gpus=len(gpus), gpu_model=resources.gpu_model, gpu_source=source,
              cpus=resources.cpus, memory_gb=resources.memory_gb, disk_gb=resources.disk_gb)
     return resources
+
+
+def outbound_address(server: str) -> str:
+    """The local address that routes to the broker (so other nodes can reach us as the broker does)."""
+    host = urlsplit(server.split(",")[0]).hostname or "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"

@@ -13,9 +13,14 @@
 
     await MyAgent(RuntimeConfig(server=url, state_dir=path)).run()   # until SIGTERM/SIGINT, then exit 0
 
-- Identity: the agent id and an Ed25519 key are created on first start in the state dir and reused after;
-  the public key is registered under the id in the ``agent-keys`` bucket (see :mod:`fedbus.agents.trust`)
-  and written to ``public_key.json`` in the state dir (the file other nodes pass to ``--trust``).
+- One owner: the agent holds an exclusive lock on its state dir (``0700``) for its life; a second agent
+  on the same dir is refused, naming the PID that holds it (:mod:`fedbus.agents.statedir`).
+- Identity with credentials (``creds``): the agent id is the credential's id and its signing key the
+  credential's; the registry of identities (written by admin alone) is where others learn that key.
+- Identity without credentials (insecure mode): the agent id (``<hostname>-<6 hex>`` unless given) and an
+  Ed25519 key are created on first start in the state dir and reused after; the public key is registered
+  under the id in the ``agent-keys`` bucket, first come first served (see :mod:`fedbus.agents.trust`).
+  Either way the public key is written to ``public_key.json`` (the file other nodes pass to ``--trust``).
 - Lifecycle: ``starting → ready → draining → stopped`` (:class:`AgentStatus`); ``close`` is idempotent.
   Every loop is a task of the agent's ``asyncio.TaskGroup``; nothing runs after ``close`` returns.
 - Heartbeats: every ``heartbeat_s`` an :class:`~fedbus.agents.events.AgentHeartbeat` with live capacity and
@@ -29,12 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import os
-import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -51,6 +53,7 @@ from aiohttp import web
 from fedbus.bus.client import Bus, Security
 from fedbus.bus.codec import new_id
 from fedbus.bus.connect import resolve_url, transport_for
+from fedbus.bus.creds import Credentials
 from fedbus.bus.errors import ConfigError, FedbusError
 from fedbus.bus.signing import AgentKey, KeyRing
 from fedbus.bus.stores import KeyValue, Stores, open_stores
@@ -58,12 +61,12 @@ from fedbus.bus.transport import Transport
 
 from .events import AgentHeartbeat, Capacity, JobRef
 from .metrics import Metrics
+from .statedir import StateLock, load_identity, private_dir
 from .trust import KEYS_BUCKET, load_trust_file, register_key
 
 __all__ = ["LIVENESS_BUCKET", "Agent", "AgentStatus", "RuntimeConfig", "configure_daemon_logging"]
 
 LIVENESS_BUCKET = "agents"
-_ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class AgentStatus(enum.StrEnum):
@@ -83,8 +86,12 @@ class RuntimeConfig:
     server: str | None = None
     """Broker URL; ``FEDBUS_SERVER`` or ``nats://127.0.0.1:4222`` when unset."""
     state_dir: Path = Path("~/.fedbus/agent")
+    """Identity, key and records; one live agent per state dir (a lock)."""
     agent_id: str | None = None
-    """Chosen on first start (``<kind>-<hostname>``) and remembered in the state dir when unset."""
+    """Chosen on first start (``<hostname>-<6 hex>``) and remembered in the state dir when unset; with
+    ``creds``, the credential's id (a different ``agent_id`` is an error)."""
+    creds: Credentials | None = None
+    """Secure mode: log in, sign and be known as this credential (no key file, no ``agent-keys`` entry)."""
     heartbeat_s: float = 2.0
     health_host: str = "127.0.0.1"
     health_port: int | None = 0
@@ -112,22 +119,6 @@ def configure_daemon_logging(*, json_logs: bool | None = None, level: str | None
     )
 
 
-def _load_identity(state_dir: Path, kind: str, wanted: str | None) -> str:
-    path = state_dir / "identity.json"
-    stored: str | None = None
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())["agent_id"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"unreadable identity file: {exc}", source=str(path)) from None
-    agent_id = wanted or stored or _ID_SAFE.sub("-", f"{kind}-{socket.gethostname()}").strip("-")[:60]
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", agent_id):
-        raise ConfigError(f"agent id {agent_id!r} may only hold letters, digits, '_' and '-'", key="agent_id")
-    if agent_id != stored:
-        path.write_text(json.dumps({"agent_id": agent_id, "kind": kind, "created": time.time()}))
-    return agent_id
-
-
 class Agent:
     """Base of every daemon; see the module docstring. Subclasses set :attr:`kind` and override the hooks."""
 
@@ -135,10 +126,13 @@ class Agent:
 
     def __init__(self, config: RuntimeConfig, *, transport: Transport | None = None) -> None:
         self.config = config
-        self.state_dir = Path(config.state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.agent_id = _load_identity(self.state_dir, self.kind, config.agent_id)
-        self.key = AgentKey.load_or_create(self.state_dir / "agent.key")
+        self.state_dir = private_dir(Path(config.state_dir).expanduser())
+        self._lock = StateLock(self.state_dir).acquire()
+        try:
+            self.agent_id, self.key = self._identity(config)
+        except BaseException:
+            self._lock.release()
+            raise
         public = KeyRing()
         public.trust(self.key.public_raw)
         public.dump(self.state_dir / "public_key.json")  # what other nodes pass to --trust
@@ -168,6 +162,19 @@ class Agent:
         self._seq = 0
         self._started = time.time()
 
+    def _identity(self, config: RuntimeConfig) -> tuple[str, AgentKey]:
+        creds = config.creds
+        if creds is None:
+            return (load_identity(self.state_dir, config.agent_id),
+                    AgentKey.load_or_create(self.state_dir / "agent.key"))
+        source = str(creds.path) if creds.path else None
+        if creds.expired():
+            raise ConfigError(f"credential {creds.id!r} has expired", key="creds", source=source)
+        if config.agent_id and config.agent_id != creds.id:
+            raise ConfigError(f"agent id {config.agent_id!r} differs from the credential's id {creds.id!r}",
+                              key="agent_id", source=source)
+        return load_identity(self.state_dir, creds.id), creds.signing_key
+
     # -- hooks for subclasses ---------------------------------------------------------------------------
     async def on_start(self) -> None:
         """Subscribe and spawn loops (the bus and stores are ready)."""
@@ -180,6 +187,9 @@ class Agent:
     async def on_stop(self) -> None:
         """Last chance to clean up (after draining or when the drain timed out)."""
 
+    def on_closed(self) -> None:
+        """Everything has stopped (also after a failed start): release what the agent holds."""
+
     def capacity(self) -> Capacity | None:
         """Live capacity for the heartbeat (``None``: this agent runs no jobs)."""
         return None
@@ -191,6 +201,11 @@ class Agent:
     def address(self) -> str:
         """Where other nodes reach this one (used as MASTER_ADDR)."""
         return ""
+
+    def broker_url(self) -> str:
+        """The broker this agent connects to: the configured one, else its credential's, else the default."""
+        creds = self.config.creds
+        return resolve_url(self.config.server or (creds.servers.get("nats") if creds else None))
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -208,15 +223,18 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> Self:
         """Connect, register the key, serve health, call :meth:`on_start`, start heartbeating."""
+        self._lock.acquire()  # again, if an earlier start or close released it
         stack = self._stack = AsyncExitStack()
+        creds = self.config.creds
         try:
-            url = resolve_url(self.config.server)
-            transport = self._transport or transport_for(url, client_id=self.agent_id)
+            transport = self._transport or transport_for(self.broker_url(), client_id=self.agent_id,
+                                                         creds=creds)
             self._bus = await stack.enter_async_context(Bus(
                 transport, source=self.agent_id, key=self.key, keyring=self.keyring,
                 security=self.config.security))
             self._stores = await open_stores(self._bus)
-            await register_key(await self._stores.key_value(KEYS_BUCKET), self.agent_id, self.key)
+            if creds is None:  # insecure mode: first come, first served
+                await register_key(await self._stores.key_value(KEYS_BUCKET), self.agent_id, self.key)
             ttl = self.config.liveness_ttl_s
             ttl = 3 * self.config.heartbeat_s if ttl is None else ttl
             if ttl:
@@ -281,9 +299,13 @@ class Agent:
                 task.cancel()
             await asyncio.wait(pending, timeout=0.1)
         stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
-        self.status = AgentStatus.STOPPED
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self.status = AgentStatus.STOPPED
+            self.on_closed()
+            self._lock.release()
 
     async def __aenter__(self) -> Self:
         return await self.start()

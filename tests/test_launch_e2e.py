@@ -8,9 +8,11 @@ their own (each pool has a label that only its tests' jobs ask for). Timings are
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -221,8 +223,11 @@ def test_malformed_job_file_gives_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_forged_award_is_ignored(cluster: Cluster, client: LaunchClient, tmp_path: Path) -> None:
-    forged_marker, genuine_marker = tmp_path / "forged", tmp_path / "genuine"
+async def test_forged_award_is_ignored(cluster: Cluster, client: LaunchClient) -> None:
+    # Jobs run as `nobody` (the agents run as root): the markers go where that user may write.
+    markers = Path(tempfile.mkdtemp(prefix="fedbus-e2e-"))
+    markers.chmod(0o777)
+    forged_marker, genuine_marker = markers / "forged", markers / "genuine"
     award = JobAward(agent_id="gpu-a", job_id="forged-1", attempt=1, round=1, node_rank=0, nodes=1,
                      master_addr="127.0.0.1", master_port=1, jobspec=JobSpec(job=f"touch {forged_marker}"),
                      accept_by_ns=0)
@@ -239,6 +244,7 @@ async def test_forged_award_is_ignored(cluster: Cluster, client: LaunchClient, t
                                  timeout=30)
     assert record.state is JobState.SUCCEEDED and genuine_marker.exists()
     assert not forged_marker.exists()
+    shutil.rmtree(markers, ignore_errors=True)
     reports = await stored_reports(client, "*")
     assert [r.phase for r in reports if r.job_id == "genuine-1"] == ["accepted", "running", "exited"]
     assert not [r for r in reports if r.job_id.startswith("forged")]
