@@ -20,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from fedbus.bus.cli import server_option
-from fedbus.bus.console import configure_logging, err, fail, out, run_async
+from fedbus.bus.console import EXIT_UNAVAILABLE, configure_logging, err, fail, out, run_async
+from fedbus.bus.creds import Credentials, load_creds
 from fedbus.bus.errors import ConfigError, FedbusError
 
 from .client import LaunchClient, exit_code_of, new_job_id
@@ -32,6 +33,7 @@ from .resources import DeclaredResources
 from .runtime import RuntimeConfig, configure_daemon_logging
 from .scheduler import SchedulerAgent, SchedulerAgentConfig
 from .scheduling import JobRecord, SchedulerConfig
+from .statedir import DirHeld
 
 __all__ = ["COMMANDS"]
 
@@ -67,6 +69,8 @@ def _daemon(make: Callable[[], Any], json_logs: bool | None, level: str | None) 
     try:
         agent = make()
         asyncio.run(agent.run())
+    except DirHeld as exc:  # another live agent owns the state or work dir
+        fail(exc, EXIT_UNAVAILABLE)
     except FedbusError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -75,8 +79,11 @@ def _daemon(make: Callable[[], Any], json_logs: bool | None, level: str | None) 
 
 _common_daemon_options = [
     click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Identity, key and work dirs. [default: ~/.fedbus/<agent-id>]"),
-    click.option("--agent-id", default=None, help="Stable id (letters, digits, '_', '-'); remembered."),
+                 help="Identity, key and records; one live agent per dir. [default: ~/.fedbus/<agent-id>, "
+                      "~/.fedbus/<kind> without an id]"),
+    click.option("--agent-id", default=None,
+                 help="Stable id (letters, digits, '_', '-'); remembered. [default: the credential's id, "
+                      "else <hostname>-<6 hex> made once per state dir]"),
     click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=None,
                  help="Seconds between heartbeats. [default: 2]"),
     click.option("--health-port", type=click.IntRange(0, 65535), default=None,
@@ -98,20 +105,26 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     return decorate
 
 
-def _server(server: str, file: AgentFile) -> str:
-    """``--server``/``FEDBUS_SERVER`` when given, else the config file's, else the default."""
+def _server(server: str | None, file: AgentFile, creds: Credentials | None) -> str | None:
+    """``--server``/``FEDBUS_SERVER`` when given, else the config file's, else the credential's, else the
+    default."""
     source = click.get_current_context().get_parameter_source("server")
-    if source is click.core.ParameterSource.DEFAULT and file.server:
-        return file.server
+    if source is click.core.ParameterSource.DEFAULT:
+        return file.server or (creds.servers.get("nats") if creds else None) or server
     return server
 
 
 def _runtime(file: AgentFile, *, server: str, kind: str, state_dir: Path | None, agent_id: str | None,
-             heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...]) -> RuntimeConfig:
-    agent_id = agent_id or file.agent_id
+             heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...],
+             default_id: str | None = None) -> RuntimeConfig:
+    """The runtime config from options, then the config file, then the credential (``--creds``, which
+    ``server_option`` puts in ``FEDBUS_CREDS``, else the file's ``creds``), then defaults. Two agents started
+    with default flags share ``~/.fedbus/<kind>``: the second is refused (one live agent per dir)."""
+    creds = load_creds() or load_creds(Path(file.creds).expanduser() if file.creds else None)
+    agent_id = agent_id or file.agent_id or (creds.id if creds else default_id)
     default_dir = Path.home() / ".fedbus" / (agent_id or kind)
     return RuntimeConfig(
-        server=_server(server, file), agent_id=agent_id,
+        server=_server(server, file, creds), agent_id=agent_id, creds=creds,
         state_dir=Path(state_dir or file.state_dir or default_dir).expanduser(),
         heartbeat_s=heartbeat_s or file.heartbeat_s or 2.0,
         health_port=health_port if health_port is not None else (file.health_port or 0),
@@ -142,12 +155,17 @@ def agent_group() -> None:
 @click.option("--scheduler-id", default=None, help="Agent id of the scheduler whose awards count.")
 @click.option("--probe-torch", is_flag=True,
               help="Ask torch.cuda for GPUs when NVML and nvidia-smi find none.")
-def gpu_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of job work dirs, outside the state dir. "
+                   "[default: <tmp>/fedbus-jobs-<agent-id>-<hash>]")
+@click.option("--job-user", default=None,
+              help="User jobs run as when the agent is root. [default: nobody; else the agent's user]")
+def gpu_cmd(server: str | None, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
             heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...],
             json_logs: bool | None, log_level: str | None, gpus: int | None, gpu_model: str | None,
             gpu_memory_gb: float | None, cpus: float | None, memory_gb: float | None, disk_gb: float | None,
             labels: tuple[str, ...], price_per_hour: float | None, address: str | None,
-            scheduler_id: str | None, probe_torch: bool) -> None:
+            scheduler_id: str | None, probe_torch: bool, work_dir: Path | None, job_user: str | None) -> None:
     """Run a GPU node agent: bid on job offers, run awarded jobs, stream their logs (SIGTERM drains)."""
 
     def make() -> GpuAgent:
@@ -165,7 +183,8 @@ def gpu_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent
             declared=declared, labels={**file.labels, **_labels(labels)},
             price_per_hour=price_per_hour if price_per_hour is not None else (file.price_per_hour or 0.0),
             address=address or file.address, scheduler_id=scheduler_id or file.scheduler_id or "scheduler",
-            probe_torch=probe_torch)
+            probe_torch=probe_torch, job_user=job_user or file.job_user,
+            work_dir=Path(work_dir or file.work_dir).expanduser() if (work_dir or file.work_dir) else None)
         return GpuAgent(runtime, config)
 
     _daemon(make, json_logs, log_level)
@@ -184,7 +203,7 @@ def gpu_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent
               help="A running node unseen in heartbeats this long is lost (its job retried).")
 @click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="First retry delay (doubles per retry).")
-def scheduler_cmd(server: str, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
+def scheduler_cmd(server: str | None, config_file: Path | None, state_dir: Path | None, agent_id: str | None,
                   heartbeat_s: float | None, health_port: int | None, trust: tuple[Path, ...],
                   json_logs: bool | None, log_level: str | None, policy: str | None, bid_window: float,
                   lease: float, backoff: float) -> None:
@@ -192,9 +211,9 @@ def scheduler_cmd(server: str, config_file: Path | None, state_dir: Path | None,
 
     def make() -> SchedulerAgent:
         file = load_agent_file(config_file)
-        runtime = _runtime(file, server=server, kind="scheduler", state_dir=state_dir,
-                           agent_id=agent_id or file.agent_id or "scheduler", heartbeat_s=heartbeat_s,
-                           health_port=health_port, trust=trust)
+        runtime = _runtime(file, server=server, kind="scheduler", state_dir=state_dir, agent_id=agent_id,
+                           heartbeat_s=heartbeat_s, health_port=health_port, trust=trust,
+                           default_id="scheduler")
         scheduling = SchedulerConfig(bid_window_s=bid_window, lease_s=lease, agent_ttl_s=lease,
                                      backoff_s=backoff, warmup_s=max(runtime.heartbeat_s * 1.5, 0.5))
         return SchedulerAgent(runtime, SchedulerAgentConfig(scheduling=scheduling,

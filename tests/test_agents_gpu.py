@@ -40,7 +40,7 @@ async def test_agent_with_a_trust_file_runs_the_scheduler_awards(tmp_path: Path)
         assert trust.exists()
         async with _gpu(tmp_path, broker, "gpu-1", trust=(trust,)) as gpu, \
                 LaunchClient(transport=MemoryTransport(broker)) as client:
-            assert gpu._scheduler_kids == {scheduler.key.kid}
+            assert gpu.scheduler_trust is not None and gpu.scheduler_trust.kids == {scheduler.key.kid}
             assert not (tmp_path / "gpu-1" / "trusted_keys.json").exists()  # nothing pinned on first use
             spec = JobSpec(job="echo ok", computing=Computing(gpus_per_node=1))
             record = await client.follow("j1", submit=lambda: client.submit(spec, job_id="j1"), timeout=20)
