@@ -146,9 +146,13 @@ class Authority:
     def set_servers(self, servers: dict[str, str]) -> None:
         _write_private(self.servers_path, json.dumps(servers))
 
-    def record(self, server: NatsServer) -> None:
-        """Remember where ``server`` listens: every creds file issued from now on names it."""
-        self.set_servers({k: v for k, v in (("nats", server.url), ("mqtt", server.mqtt_url)) if v})
+    def record(self, server: NatsServer, *, advertise: str | None = None) -> None:
+        """Remember where ``server`` listens: every creds file issued from now on names it (by the name
+        ``advertise`` when clients reach it by another name than this machine's loopback)."""
+        urls = {k: v for k, v in (("nats", server.url), ("mqtt", server.mqtt_url)) if v}
+        if advertise:
+            urls = {k: v.replace(f"://{server.client_host}:", f"://{advertise}:", 1) for k, v in urls.items()}
+        self.set_servers(urls)
 
     def servers(self) -> dict[str, str]:
         try:

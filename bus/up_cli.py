@@ -143,11 +143,14 @@ async def sync_identities(authority: Authority, bucket: object) -> None:
 @click.option("--cluster", "size", type=click.IntRange(1, 9), default=1, show_default=True,
               help="Start a local cluster of N nodes (JetStream replicated); needs --insecure for now.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--advertise", default=None, metavar="NAME",
+              help="The host name or address clients on other machines use: it goes into the TLS certificate "
+                   "and into every creds file issued.")
 @click.option("--insecure", is_flag=True,
               help="No authentication, no TLS: anyone who reaches the ports runs jobs. Loopback only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the URLs once ready.")
 def up(nats_port: int, mqtt_port: int, no_mqtt: bool, data_dir: Path | None, size: int, host: str,
-       insecure: bool, as_json: bool) -> None:
+       advertise: str | None, insecure: bool, as_json: bool) -> None:
     """Start the embedded broker (nats-server with JetStream and MQTT) and run until Ctrl-C."""
     configure_logging()
     say = err if as_json else out
@@ -159,11 +162,11 @@ def up(nats_port: int, mqtt_port: int, no_mqtt: bool, data_dir: Path | None, siz
     data_dir = Path(data_dir or _default_data_dir(size > 1)).expanduser()
     with lock_data_dir(data_dir):
         _run(data_dir=data_dir, nats_port=nats_port, mqtt_port=None if no_mqtt else mqtt_port, size=size,
-             host=host, insecure=insecure, as_json=as_json, say=say)
+             host=host, advertise=advertise, insecure=insecure, as_json=as_json, say=say)
 
 
-def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, host: str, insecure: bool,
-         as_json: bool, say: object) -> None:
+def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, host: str,
+         advertise: str | None, insecure: bool, as_json: bool, say: object) -> None:
     from rich.console import Console  # noqa: PLC0415
 
     assert isinstance(say, Console)
@@ -172,7 +175,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
     try:
         broker: NatsServer | NatsCluster
         if authority is not None:
-            if authority.init(host=host):
+            if authority.init(host=host, names=[advertise] if advertise else []):
                 say.print(f"made a CA, a server certificate and the admin credential in "
                           f"{escape(str(authority.dir))}")
         options = {"host": host, "port": nats_port, "mqtt_port": mqtt_port, "server_name": "fedbus",
@@ -188,7 +191,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
             broker.start()
             if authority is not None:
                 assert isinstance(broker, NatsServer)
-                authority.record(broker)
+                authority.record(broker, advertise=advertise)
                 asyncio.run(_provision(authority, broker.url))
         except BaseException:
             broker.close()
