@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -36,6 +37,9 @@ FEDBUS = str(Path(sys.executable).parent / "fedbus")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fl-launch" / "job.yaml"
 AGENTS = ("node-a", "node-b", "node-c", "node-d")
 FAST = ["--heartbeat", "0.2", "--json-logs", "--log-level", "info"]
+# Jobs here run "$FEDBUS_PYTHON", the venv's interpreter, which may live where an unprivileged job user cannot
+# reach it (a pyenv under a 0700 /root): they run as the agents' own user, an explicit opt-out of `nobody`.
+JOB_USER = ["--job-user", pwd.getpwuid(os.geteuid()).pw_name]
 
 
 class Cluster:
@@ -82,7 +86,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                   "--backoff", "0.2"])
             for name in AGENTS:
                 c.spawn(name, ["agent", "gpu", "--agent-id", name, "--gpus", "0", "--cpus", "2",
-                               "--memory-gb", "4", "--disk-gb", "10"])
+                               "--memory-gb", "4", "--disk-gb", "10", *JOB_USER])
             yield c
         finally:
             c.close()
