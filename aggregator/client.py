@@ -32,7 +32,7 @@ from fedbus.bus.events import Event, Params
 from fedbus.bus.stores import ObjectStore
 
 from . import blobs
-from .errors import FlError, SecAggError, UpdateRejected
+from .errors import FlError, UpdateRejected
 from .events import (
     ClientHeartbeat,
     ClientJoin,
@@ -43,17 +43,13 @@ from .events import (
     RoundInvite,
     RoundStart,
     RunFinished,
-    SecAggAdvertise,
     SecAggInbox,
-    SecAggMasked,
-    SecAggReveal,
     SecAggRoster,
-    SecAggShares,
     SecAggUnmask,
     UpdateRefused,
 )
 from .inbox import Inbox
-from .secagg import PublicKeys, SecAggClient, SecAggParams
+from .secure_client import Mailbox, secure_fit
 
 __all__ = ["ClientFaults", "ClientStats", "EvalOutcome", "FitOutcome", "FlClient", "LocalTrainer"]
 
@@ -156,7 +152,7 @@ class FlClient:
         self._busy = False
         self._round = -1
         self._sent: OrderedDict[tuple[str, int, int], Event] = OrderedDict()
-        self._mail: dict[tuple[type, int], asyncio.Future[Any]] = {}
+        self._mailbox = Mailbox()
         self._pending: OrderedDict[str, RoundStart] = OrderedDict()  # newest start per kind, while busy
         self._starts: OrderedDict[RoundKey, RoundStart] = OrderedDict()  # announced, not yet invited to
         self._invites: OrderedDict[RoundKey, RoundInvite] = OrderedDict()  # invited, start not yet seen
@@ -232,11 +228,12 @@ class FlClient:
                     self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
                     self.log.info("update refused", round=delivery.event.round, reason=reason)
                 case SecAggRoster() | SecAggUnmask() | SecAggInbox() as event:
-                    self._deliver(type(event), event.round, event)
+                    self._mailbox.deliver(event, event.round)
                 case _:
                     pass
 
-    def _crash_if(self, stage: str, round: int) -> None:
+    def crash_if(self, stage: str, round: int) -> None:
+        """Fault injection: vanish at ``stage`` of ``round`` if :class:`ClientFaults` says so."""
         if self.faults.crash_at == stage and round == self.faults.crash_round:
             raise _Crash(stage)
 
@@ -296,7 +293,7 @@ class FlClient:
         return np.asarray(await blobs.fetch(start.model, store=self.store), np.float32)
 
     async def _fit(self, start: RoundStart) -> None:
-        self._crash_if("fit", start.round)
+        self.crash_if("fit", start.round)
         weights = await self._global(start)
         outcome = await asyncio.to_thread(self.trainer.fit, weights, dict(start.config), round=start.round)
         delta = np.ascontiguousarray(outcome.weights - weights, dtype=np.float32)
@@ -323,9 +320,8 @@ class FlClient:
         await self.bus.publish(update)
         if self.faults.duplicate:
             await self.bus.publish(update)
-        self.stats.fits += 1
-        self.stats.rounds.append(start.round)
-        self._crash_if("after_update", start.round)
+        self.fitted(start.round)
+        self.crash_if("after_update", start.round)
 
     async def _evaluate(self, start: RoundStart) -> None:
         weights = await self._global(start)
@@ -349,105 +345,21 @@ class FlClient:
             self._sent.popitem(last=False)
 
     # -- secure rounds ---------------------------------------------------------------------------------------
-    def _deliver(self, cls: type, round: int, event: Event) -> None:
-        for key in [k for k in self._mail if k[1] < round - 2]:  # rounds this client took no part in
-            self._mail.pop(key).cancel()
-        future = self._mail.get((cls, round))
-        if future is None:
-            future = self._mail[(cls, round)] = asyncio.get_running_loop().create_future()
-        if not future.done():
-            future.set_result(event)
-
-    async def _mailbox(self, cls: type, round: int, timeout: float) -> Any:
-        future = self._mail.get((cls, round))
-        if future is None:
-            future = self._mail[(cls, round)] = asyncio.get_running_loop().create_future()
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise SecAggError(f"no {cls.__name__} in {timeout:g}s", round=round, stage=cls.__name__) from None
-        finally:
-            if future.done():
-                self._mail.pop((cls, round), None)
+    def fitted(self, round: int) -> None:
+        """Count a round this client trained in."""
+        self.stats.fits += 1
+        self.stats.rounds.append(round)
 
     async def _secure_fit(self, start: RoundStart) -> None:
-        """Train, then take part in the SecAgg+ stages (see :mod:`fedbus.aggregator.secagg`)."""
-        self._crash_if("fit", start.round)
-        rnd, timeout = start.round, start.deadline_s
-        context = f"{self.run_id}|{rnd}|{start.attempt}".encode()
+        """Train, then take part in the SecAgg+ stages (see :mod:`fedbus.aggregator.secure_client`)."""
+        self.crash_if("fit", start.round)
         weights = await self._global(start)
         assert self._tg is not None
         training = self._tg.create_task(
-            asyncio.to_thread(self.trainer.fit, weights, dict(start.config), round=rnd),
-            name=f"train:{self.client_id}:{rnd}",
+            asyncio.to_thread(self.trainer.fit, weights, dict(start.config), round=start.round),
+            name=f"train:{self.client_id}:{start.round}",
         )
-        try:
-            # Keys are advertised before the roster fixes the parameters: they do not depend on them.
-            session = SecAggClient(self.client_id, SecAggParams(), context=context)
-            enc, mask = session.advertise()
-            await self.bus.publish(
-                SecAggAdvertise(
-                    run_id=self.run_id,
-                    round=rnd,
-                    client_id=self.client_id,
-                    enc_key=enc,
-                    mask_key=mask,
-                    num_examples=self.trainer.num_examples,
-                )
-            )
-            self._crash_if("after_advertise", rnd)
-            roster_ev = await self._mailbox(SecAggRoster, rnd, timeout)
-            session.params = SecAggParams(
-                threshold=roster_ev.threshold,
-                neighbours=roster_ev.neighbours,
-                clip=roster_ev.clip,
-                levels=roster_ev.levels,
-            )
-            roster = {p.client_id: PublicKeys(p.enc_key, p.mask_key, p.num_examples) for p in roster_ev.peers}
-            if self.client_id not in roster:
-                return  # advertised too late; not part of this round
-            ciphertexts = session.share(roster, total_examples=roster_ev.total_examples)
-            await self.bus.publish(
-                SecAggShares(run_id=self.run_id, round=rnd, client_id=self.client_id, ciphertexts=ciphertexts)
-            )
-            inbox_ev = await self._mailbox(SecAggInbox, rnd, timeout)
-            session.receive(dict(inbox_ev.ciphertexts))
-            outcome = await training
-            delta = np.ascontiguousarray(outcome.weights - weights, dtype=np.float32)
-            masked = session.mask(delta, num_examples=self.trainer.num_examples)
-            ref = await blobs.ref_for(
-                masked,
-                name=f"{self.run_id}/masked/{rnd}/{secrets.token_hex(16)}",
-                store=self.store,
-                inline_limit=self.inline_limit,
-            )
-            await self.bus.publish(
-                SecAggMasked(
-                    run_id=self.run_id,
-                    round=rnd,
-                    client_id=self.client_id,
-                    masked=ref,
-                    num_examples=outcome.num_examples,
-                    metrics=outcome.metrics,
-                )
-            )
-            self.stats.fits += 1
-            self.stats.rounds.append(rnd)
-            self._crash_if("after_masked", rnd)
-            unmask = await self._mailbox(SecAggUnmask, rnd, timeout)
-            seeds, keys = session.reveal(list(unmask.survivors), list(unmask.dropped))
-            await self.bus.publish(
-                SecAggReveal(
-                    run_id=self.run_id,
-                    round=rnd,
-                    client_id=self.client_id,
-                    seed_shares=seeds,
-                    key_shares=keys,
-                )
-            )
-        finally:
-            if not training.done():
-                training.cancel()
+        await secure_fit(self, start, weights, training, self._mailbox, num_examples=self.trainer.num_examples)
 
 
 def _remember(table: OrderedDict[RoundKey, Any], key: RoundKey, value: Any) -> None:
