@@ -126,10 +126,10 @@ class GpuAgent(Agent):
         except BaseException:
             self._lock.release()
             raise
-        secrets = [self.state_dir, *([config.creds.path] if config.creds and config.creds.path else [])]
+        secret_paths = [self.state_dir, *([config.creds.path] if config.creds and config.creds.path else [])]
         self.runner: Runner = runner or SubprocessRunner(
             grace_s=gpu.stop_grace_s, pid_dir=self.pid_dir, env=agent_env(self.broker_url()),
-            user=self.job_user, secret_paths=secrets)
+            user=self.job_user, secret_paths=secret_paths)
         self.resources = resources
         self.ledger: Ledger | None = None
         self.awards = AwardBook(self.state_dir / "awards.json")
