@@ -2,13 +2,19 @@
 
 ::
 
-    async with LaunchClient("nats://127.0.0.1:4222") as client:
+    async with LaunchClient("nats://127.0.0.1:4222", creds=load_creds()) as client:
         job_id = await client.submit(load_jobspec("job.yaml"))
         record = await client.follow(job_id, on_status=print, on_log=print)
         print(record.state, record.exit_code)
 
 Job records are read from the ``jobs`` bucket the scheduler writes, live agents from the ``agents`` bucket
 their heartbeats refresh, logs from the durable ``jobs`` stream; none of it needs the scheduler to answer.
+
+A submission first *claims* its job id in the ``jobs`` bucket (compare-and-set create, see
+:mod:`fedbus.agents.records`): an id that is taken raises :class:`~fedbus.agents.errors.JobError` before the
+workspace is uploaded, so the first job's record and workspace are never touched. With credentials, submits
+and cancels are signed with the credential's key and name its id (``submitted_by``, ``cancelled_by``), which
+a secure scheduler checks against the identities registry.
 """
 
 from __future__ import annotations
@@ -16,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self
 
 import msgspec
 
 from fedbus.bus.client import Bus, Security
-from fedbus.bus.codec import new_id
+from fedbus.bus.codec import Envelope, new_id
 from fedbus.bus.connect import resolve_url, transport_for
-from fedbus.bus.errors import NotFound
+from fedbus.bus.creds import Credentials, load_creds
+from fedbus.bus.errors import Conflict, FedbusError, NotFound
+from fedbus.bus.events import Event
+from fedbus.bus.roles import validate_id
 from fedbus.bus.signing import KeyRing
 from fedbus.bus.stores import EventLog, KeyValue, ObjectStore, Stores, open_stores
 from fedbus.bus.transport import Transport
@@ -34,8 +44,8 @@ from . import workspace
 from .errors import JobError, UnknownJob
 from .events import AgentHeartbeat, JobCancel, JobLog, JobState, JobStatus, JobSubmit
 from .jobspec import JobSpec, LoadedJob
+from .records import JOBS_BUCKET, claim_record, decode_record, encode_record
 from .runtime import LIVENESS_BUCKET
-from .scheduler import JOBS_BUCKET, decode_record
 from .scheduling import JobRecord
 from .trust import KEYS_BUCKET, fetch_key
 
@@ -44,9 +54,16 @@ __all__ = ["LaunchClient", "exit_code_of", "new_job_id"]
 _HEARTBEAT = msgspec.msgpack.Decoder(AgentHeartbeat)
 
 
+_BASE32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's: no i, l, o, u
+JOB_ID_RANDOM_BITS = 128
+
+
 def new_job_id(name: str) -> str:
-    """``<name>-<8 characters>``: readable, and unique (the characters are a ULID's random tail)."""
-    return f"{name[:40]}-{new_id()[-8:].lower()}"
+    """``<name>-<26 characters>``: readable, and unique: the characters carry 128 random bits (a collision
+    is as likely as guessing a UUID), and the whole is a valid :data:`~fedbus.bus.roles.Id`."""
+    value = int.from_bytes(os.urandom(JOB_ID_RANDOM_BITS // 8), "big")
+    tail = "".join(_BASE32[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return f"{name[:37]}-{tail}"
 
 
 def exit_code_of(record: JobRecord) -> int:
@@ -59,14 +76,18 @@ def exit_code_of(record: JobRecord) -> int:
 
 
 class LaunchClient:
-    """A short-lived client of the Launch system (one per command)."""
+    """A short-lived client of the Launch system (one per command). ``creds`` (default: ``FEDBUS_CREDS``'s)
+    signs submits and cancels."""
 
     def __init__(self, server: str | None = None, *, transport: Transport | None = None,
-                 source: str | None = None, scheduler_id: str = "scheduler") -> None:
+                 source: str | None = None, scheduler_id: str = "scheduler",
+                 creds: Credentials | None = None) -> None:
         self.server = resolve_url(server)
-        self.source = source or f"cli-{os.getpid()}-{new_id()[-6:].lower()}"
+        self.creds = creds if creds is not None else load_creds()
+        self.source = source or (creds.id if creds is not None else
+                                 f"cli-{os.getpid()}-{new_id()[-6:].lower()}")
         self.scheduler_id = scheduler_id
-        self._transport = transport or transport_for(self.server, client_id=self.source)
+        self._transport = transport or transport_for(self.server, client_id=f"{self.source}-{os.getpid()}")
         self.keyring = KeyRing()
         self.bus = Bus(self._transport, source=self.source, keyring=self.keyring, security=Security.VERIFY)
         self._stores: Stores | None = None
@@ -98,30 +119,53 @@ class LaunchClient:
         return self._stores
 
     # -- submitting -------------------------------------------------------------------------------------
-    async def submit(self, job: LoadedJob | JobSpec, *, job_id: str | None = None) -> str:
-        """Pack and upload the workspace folder (if any), then submit; returns the job id.
+    def _envelope(self, event: Event) -> Envelope:
+        """The envelope of a submit or cancel: signed with the credential's key when there is one."""
+        env = self.bus.envelope(event)
+        if self.creds is not None:
+            self.creds.signing_key.sign(env)
+        return env
 
-        A bare :class:`JobSpec` is submitted as it is (its ``workspace``, if set, names a stored archive)."""
-        assert self._log is not None
+    async def submit(self, job: LoadedJob | JobSpec, *, job_id: str | None = None) -> str:
+        """Claim the job id, pack and upload the workspace folder (if any), then submit; returns the job id.
+
+        Raises :class:`JobError` when the id is taken (nothing of the first job is touched). A bare
+        :class:`JobSpec` is submitted as it is (its ``workspace``, if set, must be the job's own archive)."""
+        assert self._log is not None and self._jobs is not None
         spec = job.spec if isinstance(job, LoadedJob) else job
         folder = job.workspace_dir if isinstance(job, LoadedJob) else None
-        job_id = job_id or new_job_id(spec.name)
+        job_id = validate_id(job_id, what="job id") if job_id else new_job_id(spec.name)
         if folder is not None:
-            objects: ObjectStore = await self.stores.object_store(workspace.BUCKET)
-            archive = await workspace.pack(folder)
-            try:
-                await objects.put_file(workspace.object_name(job_id), archive)
-            finally:
-                archive.unlink(missing_ok=True)
             spec = msgspec.structs.replace(spec, workspace=workspace.object_name(job_id))
-        await self._log.publish(JobSubmit(job_id=job_id, jobspec=spec, submitted_by=self.source))
+        by = self.creds.id if self.creds is not None else None
+        env = self._envelope(JobSubmit(job_id=job_id, jobspec=spec, submitted_by=by))
+        claim = claim_record(job_id, spec, submit_id=env.id, submitted_by=by or self.source, now=time.time())
+        try:
+            await self._jobs.create(job_id, encode_record(claim))
+        except Conflict:
+            raise JobError("job id already exists; choose another (or let fedbus pick one)", job_id=job_id) from None
+        try:
+            if folder is not None:
+                objects: ObjectStore = await self.stores.object_store(workspace.BUCKET)
+                archive = await workspace.pack(folder)
+                try:
+                    await objects.put_file(workspace.object_name(job_id), archive)
+                finally:
+                    archive.unlink(missing_ok=True)
+            await self._log.publish_envelope(env)
+        except BaseException:
+            with contextlib.suppress(FedbusError):  # give the id back: nothing was submitted
+                await asyncio.shield(self._jobs.delete(job_id))
+            raise
         return job_id
 
     async def cancel(self, job_id: str, *, reason: str = "cancelled by user") -> str:
         """Ask the scheduler to cancel a job (durable: done even if the scheduler is restarting)."""
         assert self._log is not None
         job_id = await self.resolve(job_id)
-        await self._log.publish(JobCancel(job_id=job_id, reason=reason))
+        by = self.creds.id if self.creds is not None else None
+        cancel = JobCancel(job_id=job_id, reason=reason[:2000], cancelled_by=by)
+        await self._log.publish_envelope(self._envelope(cancel))
         return job_id
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -181,7 +225,8 @@ class LaunchClient:
 
         With ``submit``, the subscriptions are made first and ``submit()`` is awaited after, so nothing the
         job does is missed. Log batches already stored are replayed first; each is shown once. ``job_id``
-        is the full id (see :meth:`resolve`).
+        is the full id (see :meth:`resolve`). Raises ``TimeoutError`` (and only that) when the job has not
+        ended ``timeout`` seconds after it was submitted or the following began; the job goes on.
         """
         if submit is None:
             job_id = await self.resolve(job_id)
@@ -224,22 +269,14 @@ class LaunchClient:
                 # A status published before we subscribed is not seen live: the record tells.
                 assert self._jobs is not None
                 while True:
-                    with contextlib.suppress(NotFound):
+                    with contextlib.suppress(FedbusError):  # not there yet, or the broker is restarting
                         if decode_record((await self._jobs.get(job_id)).value).state.terminal:
                             done.set()
                             return
                     await asyncio.sleep(1.0)
 
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(watch_statuses()), tg.create_task(poll_record())]
-                if batches is not None:
-                    tasks.append(tg.create_task(watch_logs()))
-                try:
-                    async with asyncio.timeout(timeout):
-                        await done.wait()
-                finally:
-                    for task in tasks:
-                        task.cancel()
+            watchers = [watch_statuses(), poll_record()] + ([watch_logs()] if batches is not None else [])
+            await _until(done, watchers, timeout)
         if logs:  # everything an agent logged was stored before it reported the exit
             async for batch in self.stored_logs(job_id):
                 show(batch)
@@ -249,3 +286,21 @@ class LaunchClient:
         """Wait until a job ends (no output); returns its final record."""
         return await self.follow(job_id, logs=False, timeout=timeout)
 
+
+async def _until(done: asyncio.Event, watchers: list[Coroutine[Any, Any, None]], timeout: float | None) -> None:
+    """Run ``watchers`` until ``done`` is set, at most ``timeout`` seconds (then ``TimeoutError``). A watcher's
+    error is raised as it is (not in an exception group); every watcher is cancelled and awaited on the way out."""
+    tasks = [asyncio.ensure_future(w) for w in watchers]
+    waiter = asyncio.ensure_future(done.wait())
+    try:
+        async with asyncio.timeout(timeout):
+            pending = {waiter, *tasks}
+            while not done.is_set():
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if task is not waiter and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in (waiter, *tasks):
+            task.cancel()
+        await asyncio.gather(waiter, *tasks, return_exceptions=True)

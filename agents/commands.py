@@ -9,6 +9,7 @@ work is done by :class:`~fedbus.agents.client.LaunchClient` and the agent classe
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -245,9 +246,19 @@ def _print_log(batch: JobLog, *, show_source: bool = True) -> None:
 @click.option("--follow", "-f", is_flag=True,
               help="Stream status and logs until the job ends; exit with its code.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="With --follow: give up after S seconds (exit 1; the job keeps going).")
-def launch_cmd(job_file: Path, server: str, follow: bool, timeout: float | None) -> None:
-    """Submit a job file; prints the job id."""
+              help="With --follow: stop waiting after S seconds (exit 124; the job goes on).")
+@click.option("--job-id", default=None,
+              help="The job's id (letters, digits, '_', '-'); refused if taken. [default: <name>-<26 random "
+                   "characters>]")
+def launch_cmd(job_file: Path, server: str | None, follow: bool, timeout: float | None,
+               job_id: str | None) -> None:
+    """Submit a job file; prints the job id.
+
+    Exit codes: 0 submitted (with --follow: the job succeeded); the job's own code (1 without one) when it
+    failed, was cancelled or refused; 1 the id is taken, or another run-time error; 2 a bad job file or
+    option; 124 --timeout ran out; 130 Ctrl-C while following (the job goes on; the message says how to
+    cancel it). See docs/cli.md.
+    """
     configure_logging()
     try:
         loaded = load_jobspec(job_file)
@@ -256,24 +267,63 @@ def launch_cmd(job_file: Path, server: str, follow: bool, timeout: float | None)
 
     async def main() -> int:
         async with LaunchClient(server) as client:
+            chosen = job_id or new_job_id(loaded.spec.name)
             if not follow:
-                out.print(await client.submit(loaded))
+                out.print(await client.submit(loaded, job_id=chosen))
                 return 0
-            job_id = new_job_id(loaded.spec.name)
-
-            async def submit() -> None:
-                await client.submit(loaded, job_id=job_id)
-                err.print(f"job [bold]{job_id}[/] submitted", markup=True)
-
-            try:
-                record = await client.follow(job_id, submit=submit, on_status=_print_status,
-                                             on_log=_print_log, timeout=timeout)
-            except TimeoutError:
-                err.print(f"[yellow]still running after {timeout:g}s[/]: fedbus job {job_id}", markup=True)
-                return 1
-            return exit_code_of(record)
+            return await _launch_and_follow(client, loaded, chosen, timeout=timeout, server=server)
 
     raise SystemExit(run_async(main))
+
+
+_EXIT_TIMEOUT = 124
+"""``--timeout`` ran out (the job goes on); the table is in docs/cli.md."""
+_EXIT_INTERRUPTED = 130
+"""Ctrl-C while following (the job goes on)."""
+
+
+async def _launch_and_follow(client: LaunchClient, loaded: Any, job_id: str, *, timeout: float | None,
+                             server: str | None) -> int:
+    """Submit and follow until the job ends (its exit code), ``timeout`` runs out (124) or Ctrl-C (130)."""
+    where = f" --server {server}" if server else ""
+    submitted = False
+
+    async def submit() -> None:
+        nonlocal submitted
+        await client.submit(loaded, job_id=job_id)
+        submitted = True
+        err.print(f"job [bold]{job_id}[/] submitted", markup=True)
+
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    following = asyncio.ensure_future(client.follow(job_id, submit=submit, on_status=_print_status,
+                                                    on_log=_print_log, timeout=timeout))
+    stop = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        stop.cancel()
+    if not following.done():
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        if submitted:
+            err.print(f"detached: job {job_id} goes on; cancel it with: fedbus cancel {job_id}{where}")
+        else:
+            err.print(f"interrupted while submitting job {job_id}; check with: fedbus job {job_id}{where}")
+        return _EXIT_INTERRUPTED
+    try:
+        record = following.result()
+    except TimeoutError:
+        try:
+            state = (await client.job(job_id)).state.value
+        except FedbusError:
+            state = "not finished"
+        err.print(f"job {job_id} is still {state} after {timeout:g}s and goes on; follow it with: "
+                  f"fedbus logs -f {job_id}{where}; cancel it with: fedbus cancel {job_id}{where}")
+        return _EXIT_TIMEOUT
+    return exit_code_of(record)
 
 
 def _jobs_table(records: list[JobRecord]) -> Table:
@@ -375,7 +425,7 @@ def cancel_cmd(job_id: str, server: str, reason: str) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:
+        async with LaunchClient(server) as client:  # signed with FEDBUS_CREDS' key when it is set
             full = await client.cancel(job_id, reason=reason)
         err.print(f"cancel requested for {full}")
 

@@ -49,6 +49,11 @@ _ALIASES = {
 _IGNORED_FEDML = {"device_type", "job_type", "job_subtype", "framework_type"}
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+#: Commands (``job``, ``bootstrap``): bounded, so that a job record stays well under a message's size.
+Command = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+Short = Annotated[str, msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[Short, Short], msgspec.Meta(max_length=64)]
+Env = Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=32 * 1024)]], msgspec.Meta(max_length=512)]
 
 
 class Computing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,20 +65,21 @@ class Computing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     min_memory_gb: NonNegative = 0.0
     min_gpu_memory_gb: NonNegative = 0.0
     min_disk_gb: NonNegative = 0.0
-    resource_type: str | None = None
+    resource_type: Short | None = None
     max_cost_per_hour: NonNegative | None = None
-    labels: dict[str, str] = {}
+    labels: Labels = {}
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A validated job. ``workspace`` is the packed archive's object name once submitted."""
+    """A validated job. ``workspace`` is the packed archive's object name once submitted (the scheduler
+    accepts only the job's own, :func:`fedbus.agents.workspace.object_name`)."""
 
-    job: str
+    job: Command
     name: str = "job"
-    workspace: str | None = None
-    bootstrap: str | None = None
+    workspace: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+    bootstrap: Command | None = None
     computing: Computing = Computing()
-    env: dict[str, str] = {}
+    env: Env = {}
     processes_per_node: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     """Copies of ``job`` started on each node, torchrun-style (RANK, LOCAL_RANK, WORLD_SIZE differ)."""
     retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0

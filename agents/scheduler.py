@@ -7,12 +7,22 @@ Inputs, all funnelled into one bounded inbox and applied in order by one loop:
 - core subscriptions: ``AgentHeartbeat``, ``JobBid`` (ephemeral: the next heartbeat or a new offer round
   replaces a lost one).
 
+Every input passes the :class:`~fedbus.agents.admission.Gate` first: who signed it, in which role, on which
+subject (see :mod:`fedbus.agents.admission`; secure when the identities registry is in use). The inputs are
+read through a bus that checks no signatures itself, so that every verdict is taken in one place, against
+the registry, and a refused durable input is *dead-lettered* with its reason instead of dropped unseen.
+
+No input can stop scheduling. A durable input that is refused (unsigned, forged, a duplicate job id, too
+large) goes to the dead letters at once; one whose handling fails (the core raises, or its job record cannot
+be stored) is handed back and tried again later, and after ``retry.max_attempts`` attempts goes to the dead
+letters too (:mod:`fedbus.bus.deadletter`). Either way it is terminated on its stream, so a restarted
+scheduler never sees it again.
+
 Each batch of inputs ends with a ``tick``; its effects are applied write-ahead: job records are saved to the
 ``jobs`` bucket (compare-and-set on the revision this scheduler last wrote), then the consumed events are
 acknowledged, then lifecycle ``JobStatus`` events are published (durable, signed, in order, by one
-announcer task) and offers/awards/stops sent. A restarted scheduler loads every record and resumes.
-
-A report is trusted only when signed by the key registered for the agent id it names (``agent-keys``).
+announcer task) and offers/awards/stops sent. Nothing is announced or sent for a job whose record was not
+saved. A restarted scheduler loads every record and resumes.
 """
 
 from __future__ import annotations
@@ -26,34 +36,25 @@ from typing import Any
 
 import msgspec
 
-from fedbus.bus.client import EventSubscription
-from fedbus.bus.errors import Conflict, FedbusError, NotFound
+from fedbus.bus.client import Bus, EventSubscription, Security
+from fedbus.bus.codec import Envelope
+from fedbus.bus.creds import IDENTITIES_BUCKET
+from fedbus.bus.deadletter import DeadLetters, RetryPolicy
+from fedbus.bus.errors import FedbusError, NotFound
 from fedbus.bus.events import Event
-from fedbus.bus.signing import key_id
-from fedbus.bus.stores import AckableDelivery, EventConsumer, EventLog, KeyValue
+from fedbus.bus.stores import AckableDelivery, EventConsumer, EventLog, KeyValue, open_stores
 from fedbus.bus.transport import Transport
 
+from .admission import Gate, Signers, registry_in_use
 from .events import AgentHeartbeat, JobBid, JobCancel, JobLog, JobReport, JobState, JobStatus, JobSubmit
 from .placement import policy_named
+from .records import JOBS_BUCKET, decode_record, encode_record, is_claim
 from .runtime import Agent, RuntimeConfig
-from .scheduling import JobRecord, SchedulerConfig, SchedulingCore
+from .saving import RecordSaver, SaveFailure
+from .scheduling import Effects, JobRecord, SchedulerConfig, SchedulingCore
 from .trust import KEYS_BUCKET
 
 __all__ = ["JOBS_BUCKET", "SchedulerAgent", "SchedulerAgentConfig", "decode_record", "encode_record"]
-
-JOBS_BUCKET = "jobs"
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(JobRecord)
-
-
-def encode_record(rec: JobRecord) -> bytes:
-    """A job record as stored in the ``jobs`` bucket."""
-    return _ENCODER.encode(rec)
-
-
-def decode_record(data: bytes) -> JobRecord:
-    """The inverse of :func:`encode_record`."""
-    return _DECODER.decode(data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,12 +66,25 @@ class SchedulerAgentConfig:
     consumer_prefix: str = "scheduler"
     """Durable consumer names start with this (two schedulers with one prefix share the work)."""
     max_batch: int = 512
+    secure: bool | None = None
+    """Check every input against the identities registry; ``None``: when the registry holds identities."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How often a durable input whose handling fails is tried before it goes to the dead letters."""
+    max_submit_bytes: int = 96 * 1024
+    """Larger submissions are refused (a job's data belongs in its workspace)."""
+    max_record_bytes: int = 192 * 1024
+    """A job record that would be larger is not stored (the ``jobs`` bucket takes values up to 256 KiB)."""
+    save_give_up_s: float = 0.5
+    """A record the broker keeps refusing this long (not: the broker is away) is a failed attempt."""
 
 
 @dataclass(slots=True)
 class _Input:
     event: Event
+    envelope: Envelope
+    subject: str
     delivery: AckableDelivery[Any] | None = None
+    consumer: str = ""
 
 
 class SchedulerAgent(Agent):
@@ -84,72 +98,77 @@ class SchedulerAgent(Agent):
         self.sched = sched or SchedulerAgentConfig()
         self.policy = policy_named(self.sched.policy)
         self.core: SchedulingCore | None = None
+        self.secure = False
+        self.gate: Gate | None = None
+        self.dead: DeadLetters | None = None
         self._inbox: asyncio.Queue[_Input] = asyncio.Queue(maxsize=8192)
         self._outbox: asyncio.Queue[JobStatus] = asyncio.Queue(maxsize=8192)
-        self._revisions: dict[str, int] = {}
-        self._agent_kids: dict[str, str] = {}
-        self._unknown_agents: set[str] = set()
-        self._jobs: KeyValue | None = None
-        self._keys: KeyValue | None = None
-        self._log: EventLog | None = None
-        self.rejected_reports: Counter[str] = Counter()
+        self._saver: RecordSaver | None = None
+        self._inputs: Bus | None = None
+        self._warned: set[str] = set()
+        self.refused: Counter[str] = Counter()
+        """Inputs the gate refused, by event type."""
         self.metrics.counter("events_total", "inputs applied, by type")
-        self.metrics.counter("reports_rejected_total", "reports not signed by the agent they name")
+        self.metrics.counter("inputs_refused_total", "inputs refused: unsigned, forged, duplicate, malformed")
+        self.metrics.counter("inputs_failed_total", "inputs whose handling failed (tried again later)")
+        self.metrics.counter("dead_letters_total", "durable inputs set aside as dead letters")
 
     # -- start ------------------------------------------------------------------------------------------
     async def on_start(self) -> None:
         stores = self.stores
-        self._jobs = await stores.key_value(JOBS_BUCKET)
-        self._keys = await stores.key_value(KEYS_BUCKET)
-        self._log = stores.event_log()
-        await self._log.ensure(JobSubmit, JobCancel, JobReport, JobStatus, JobLog)
-        for agent_id in await self._keys.keys():
-            await self._learn_key(agent_id)
-        records = await self._load()
+        jobs = await stores.key_value(JOBS_BUCKET)
+        identities = await stores.key_value(IDENTITIES_BUCKET)
+        self.secure = await registry_in_use(identities) if self.sched.secure is None else self.sched.secure
+        self.gate = Gate(Signers(agent_keys=await stores.key_value(KEYS_BUCKET),
+                                 identities=identities if self.secure else None),
+                         max_submit_bytes=self.sched.max_submit_bytes)
+        self.dead = await DeadLetters.open(stores, agent_id=self.agent_id, policy=self.sched.retry)
+        log = stores.event_log()
+        await log.ensure(JobSubmit, JobCancel, JobReport, JobStatus, JobLog)
+        records, claims = await self._load(jobs)
+        self._saver = RecordSaver(jobs, max_bytes=self.sched.max_record_bytes, log=self.log,
+                                  give_up_s=self.sched.save_give_up_s)
+        self._saver.adopt(records, claims)
         self.core = SchedulingCore(now=time.time(), config=self.sched.scheduling, policy=self.policy,
                                    scheduler_id=self.agent_id)
-        self.core.restore(records, time.time())
+        self.core.restore([rec for rec, _ in records], time.time())
         await self._apply(self.core.take_effects(), [])  # before the loop starts: one writer at a time
-        bus, prefix = self.bus, self.sched.consumer_prefix
-        self._forward(await bus.subscribe(AgentHeartbeat, max_pending=8192), "heartbeats")
-        self._forward(await bus.subscribe(JobBid, max_pending=8192), "bids")
+        # Inputs through a bus that verifies nothing itself: the gate decides, against the registry.
+        self._inputs = Bus(self.bus.transport, source=self.agent_id, security=Security.OFF)
+        inputs, prefix = self._inputs, self.sched.consumer_prefix
+        self._forward(await inputs.subscribe(AgentHeartbeat, max_pending=8192), "heartbeats")
+        self._forward(await inputs.subscribe(JobBid, max_pending=8192), "bids")
         ack_wait = max(30.0, self.sched.scheduling.lease_s)
+        input_log = (await open_stores(inputs)).event_log()
         for cls, name in ((JobSubmit, "submit"), (JobCancel, "cancel"), (JobReport, "report")):
-            self._consume(self._log.consume(cls, durable=f"{prefix}-{name}", ack_wait=ack_wait), name)
-        self.spawn(self._announce(), name="announcer")
+            durable = f"{prefix}-{name}"
+            self._consume(input_log.consume(cls, durable=durable, ack_wait=ack_wait), durable)
+        self.spawn(self._announce(log), name="announcer")
         self.spawn(self._loop(), name="loop")
+        self.log.warning("secure: submits and cancels must be signed by an admin identity, bids and reports "
+                         "by the agent's" if self.secure else
+                         "insecure: no identities are registered; anyone who reaches the broker may submit")
 
-    async def _load(self) -> list[JobRecord]:
-        assert self._jobs is not None
-        records = []
-        for job_id in await self._jobs.keys():
+    async def _load(self, jobs: KeyValue) -> tuple[list[tuple[JobRecord, int]], list[tuple[JobRecord, int]]]:
+        """Every stored record with its revision: the scheduler's own, and submitters' claims."""
+        records, claims = [], []
+        for job_id in await jobs.keys():
             try:
-                entry = await self._jobs.get(job_id)
+                entry = await jobs.get(job_id)
                 rec = decode_record(entry.value)
             except NotFound:
                 continue
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.log.error("unreadable job record; skipped", job_id=job_id, error=str(exc))
                 continue
-            self._revisions[job_id] = entry.revision
-            records.append(rec)
-        return records
-
-    async def _learn_key(self, agent_id: str) -> bool:
-        assert self._keys is not None
-        try:
-            raw = (await self._keys.get(agent_id)).value
-        except NotFound:
-            return False
-        self.keyring.trust(raw)
-        self._agent_kids[agent_id] = key_id(raw)
-        return True
+            (claims if is_claim(rec) else records).append((rec, entry.revision))
+        return records, claims
 
     def _forward(self, sub: EventSubscription[Any], name: str) -> None:
         async def loop() -> None:
             async with sub:
                 async for d in sub:
-                    await self._inbox.put(_Input(d.event))
+                    await self._inbox.put(_Input(d.event, d.envelope, d.subject))
 
         self.spawn(loop(), name=name)
 
@@ -157,7 +176,7 @@ class SchedulerAgent(Agent):
         async def loop() -> None:
             async with consumer:
                 async for d in consumer:
-                    await self._inbox.put(_Input(d.event, d))
+                    await self._inbox.put(_Input(d.event, d.envelope, d.subject, d, name))
 
         self.spawn(loop(), name=name)
 
@@ -177,93 +196,103 @@ class SchedulerAgent(Agent):
                 while len(batch) < self.sched.max_batch:
                     batch.append(self._inbox.get_nowait())
             now = time.time()
-            acks: list[AckableDelivery[Any]] = []
-            for item in batch:
-                if await self._admit(item):
-                    core.handle(item.event, now)
-                    self.metrics.inc("events_total", type=item.event.spec.type)
-                if item.delivery is not None:
-                    acks.append(item.delivery)
-            core.tick(now)
-            await self._apply(core.take_effects(), acks)
+            handled = [item for item in batch if await self._handle(item, now)]
+            try:
+                core.tick(now)
+            except Exception:  # a bug; the next tick tries again, and inputs keep coming
+                self.log.exception("tick failed")
+            await self._apply(core.take_effects(), handled)
 
-    async def _admit(self, item: _Input) -> bool:
-        """Whether an input may reach the core: heartbeats need a registered key, reports a valid one."""
-        event = item.event
-        match event:
-            case AgentHeartbeat(agent_id=agent_id):
-                if agent_id in self._agent_kids or await self._learn_key(agent_id):
-                    return True
-                if agent_id not in self._unknown_agents:
-                    self._unknown_agents.add(agent_id)
-                    self.log.warning("heartbeat from an agent with no registered key; ignored",
-                                     agent=agent_id)
-                return False
-            case JobReport(agent_id=agent_id):
-                assert item.delivery is not None
-                kid = item.delivery.envelope.kid
-                expected = self._agent_kids.get(agent_id)
-                if expected is None and await self._learn_key(agent_id):
-                    expected = self._agent_kids[agent_id]
-                if kid is not None and kid == expected and item.delivery.envelope.src == agent_id:
-                    return True
-                self.rejected_reports[agent_id] += 1
-                self.metrics.inc("reports_rejected_total")
-                self.log.warning("report not signed by the agent it names; ignored", agent=agent_id, kid=kid,
-                                 job_id=event.job_id)
-                return False
-            case _:
-                return True
+    async def _handle(self, item: _Input, now: float) -> bool:
+        """Admit and apply one input; ``True`` for a durable one to acknowledge once its effects are saved."""
+        core, gate, dead, d = self.core, self.gate, self.dead, item.delivery
+        assert core is not None and gate is not None and dead is not None
+        kind = item.event.spec.type
+        if d is not None and await dead.exhausted(d, consumer=item.consumer):
+            self.metrics.inc("dead_letters_total")
+            return False
+        verdict = await gate.admit(item.event, item.envelope, item.subject, core.jobs)
+        if not verdict.ok:
+            await self._refuse(item, verdict.reason)
+            return False
+        try:
+            core.handle(item.event, now, by=verdict.by, event_id=item.envelope.id)
+        except Exception as exc:  # a message must never stop the scheduler
+            self.log.exception("input not handled", type=kind, subject=item.subject)
+            await self._failed(item, f"the scheduler failed on it: {type(exc).__name__}: {exc}")
+            return False
+        self.metrics.inc("events_total", type=kind)
+        return d is not None
 
-    async def _apply(self, effects: Any, acks: list[AckableDelivery[Any]]) -> None:
+    async def _refuse(self, item: _Input, reason: str) -> None:
+        kind = item.event.spec.type
+        self.refused[kind] += 1
+        self.metrics.inc("inputs_refused_total", type=kind)
+        if item.delivery is None:  # heartbeats and bids: dropped, said once per sender
+            who = f"{kind}:{item.envelope.src}"
+            if who not in self._warned:
+                if len(self._warned) > 10_000:
+                    self._warned.clear()
+                self._warned.add(who)
+                self.log.warning("input refused", type=kind, source=item.envelope.src, reason=reason)
+            return
+        assert self.dead is not None
+        if await self.dead.refuse(item.delivery, reason, consumer=item.consumer):
+            self.metrics.inc("dead_letters_total")
+            await self._refuse_claim(item, reason)
+
+    async def _failed(self, item: _Input, reason: str) -> None:
+        self.metrics.inc("inputs_failed_total", type=item.event.spec.type)
+        if item.delivery is None:
+            return
+        assert self.dead is not None
+        if await self.dead.failed(item.delivery, reason, consumer=item.consumer):
+            self.metrics.inc("dead_letters_total")
+            await self._refuse_claim(item, reason)
+
+    async def _refuse_claim(self, item: _Input, reason: str) -> None:
+        """A refused submission whose submitter claimed the id: mark the claim failed, and say so."""
+        if not isinstance(item.event, JobSubmit) or self._saver is None:
+            return
+        status = await self._saver.refuse_claim(item.event.job_id, item.envelope.id, reason)
+        if status is not None:
+            await self._outbox.put(status)
+
+    async def _apply(self, effects: Effects, handled: list[_Input]) -> None:
         """Save, then acknowledge, then announce and send (write-ahead)."""
+        assert self._saver is not None and self.core is not None
+        failures: dict[str, SaveFailure] = {}
         if effects.saves:
-            await asyncio.gather(*(self._save(rec) for rec in effects.saves.values()))
+            failures = await self._saver.save_all(effects.saves, jobs=self.core.jobs)
+        for job_id, failure in failures.items():
+            if failure.new:  # never stored: as if the submission had not come
+                self.core.forget(job_id)
+        acks = []
+        for item in handled:
+            failure = failures.get(getattr(item.event, "job_id", ""))
+            if failure is None:
+                assert item.delivery is not None
+                acks.append(item.delivery)
+            elif failure.refuse:
+                await self._refuse(item, failure.reason)
+            else:
+                await self._failed(item, failure.reason)
         if acks:
             await asyncio.gather(*(d.ack() for d in acks), return_exceptions=True)
         for status in effects.statuses:
-            await self._outbox.put(status)
-        if effects.sends:
-            results = await asyncio.gather(*(self.bus.publish(ev) for ev in effects.sends),
-                                           return_exceptions=True)
-            for ev, res in zip(effects.sends, results, strict=True):
+            if status.job_id not in failures:
+                await self._outbox.put(status)
+        sends = [ev for ev in effects.sends if getattr(ev, "job_id", "") not in failures]
+        if sends:
+            results = await asyncio.gather(*(self.bus.publish(ev) for ev in sends), return_exceptions=True)
+            for ev, res in zip(sends, results, strict=True):
                 if isinstance(res, FedbusError):
                     self.log.warning("send failed", type=ev.spec.type, error=str(res))
                 elif isinstance(res, BaseException):
                     raise res
 
-    async def _save(self, rec: JobRecord) -> None:
-        """Compare-and-set the record on the revision we wrote last; retried while the broker is away."""
-        assert self._jobs is not None
-        data = encode_record(rec)
-        delay = 0.1
-        while True:
-            revision = self._revisions.get(rec.job_id)
-            try:
-                if revision is None:
-                    self._revisions[rec.job_id] = await self._jobs.create(rec.job_id, data)
-                else:
-                    self._revisions[rec.job_id] = await self._jobs.update(rec.job_id, data, revision=revision)
-                return
-            except Conflict:
-                try:
-                    theirs: int | None = (await self._jobs.get(rec.job_id)).revision
-                except NotFound:
-                    theirs = None
-                self.log.error("job record was changed by someone else (two schedulers?); overwriting",
-                               job_id=rec.job_id, ours=revision, theirs=theirs)
-                if theirs is None:
-                    self._revisions.pop(rec.job_id, None)
-                else:
-                    self._revisions[rec.job_id] = theirs
-            except FedbusError as exc:
-                self.log.warning("job record not saved yet; retrying", job_id=rec.job_id, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _announce(self) -> None:
+    async def _announce(self, log: EventLog) -> None:
         """Publish lifecycle events in order, in batches, with retries."""
-        assert self._log is not None
         while True:
             batch = [await self._outbox.get()]
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -272,7 +301,7 @@ class SchedulerAgent(Agent):
             delay = 0.1
             while True:
                 try:
-                    await self._log.publish_many(batch)
+                    await log.publish_many(batch)
                     break
                 except FedbusError as exc:
                     self.log.warning("statuses not published yet; retrying", count=len(batch), error=str(exc))
@@ -289,6 +318,8 @@ class SchedulerAgent(Agent):
     # -- views ------------------------------------------------------------------------------------------
     def collect_metrics(self) -> None:
         super().collect_metrics()
+        if self._inputs is not None:
+            self.metrics.set("bus_rejected", sum(self.bus.rejected.values()) + sum(self._inputs.rejected.values()))
         if self.core is None:
             return
         states = Counter(rec.state for rec in self.core.jobs.values())

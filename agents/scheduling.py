@@ -27,6 +27,7 @@ agent that sent them is told to stop, so a presumed-dead agent cannot complete o
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 from collections import deque
@@ -62,6 +63,9 @@ log = structlog.get_logger("fedbus.agents.scheduling")
 
 _ACTIVE = frozenset({JobState.AWARDED, JobState.STARTING, JobState.RUNNING})
 _MAX_HISTORY = 64
+_MAX_REASON = 1000
+"""Characters of a reason kept in a record and its history (bids' reasons are joined into one)."""
+_MAX_EARLY_CANCELS = 10_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +127,10 @@ class JobRecord(msgspec.Struct, kw_only=True):
     created: float
     updated: float
     submitted_by: str = ""
+    """The identity that submitted it: verified against the identities registry by a secure scheduler."""
+    submit_id: str = ""
+    """The envelope id of the submission: a redelivery carries it, a duplicate job id does not."""
+    cancelled_by: str = ""
     attempt: int = 0
     retries_used: int = 0
     reason: str = ""
@@ -226,7 +234,8 @@ class SchedulingCore:
         self._lease_heap: list[tuple[float, str, str]] = []
         """``(until, job, agent)``, renewals push new entries; stale ones are skipped when popped."""
         self._stops_sent: dict[tuple[str, str, int], float] = {}
-        self._cancel_first: set[str] = set()
+        self._cancel_first: dict[str, str] = {}
+        """Cancels that came before their job's submission, and who sent them (bounded)."""
         self._refused: dict[str, dict[str, float]] = {}
         """Agents that refused (or ignored) a job's offer, and when: skipped for that job until they beat."""
         self._failed_rounds: dict[str, int] = {}
@@ -252,6 +261,8 @@ class SchedulingCore:
 
     def _transition(self, rec: JobRecord, state: JobState, reason: str, now: float, *,
                     save: bool = True) -> None:
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 1] + "…"
         if rec.state is state and rec.reason == reason:
             return
         self._index(rec, state)
@@ -313,13 +324,16 @@ class SchedulingCore:
                  active=sum(1 for r in records if not r.state.terminal))
 
     # -- events -----------------------------------------------------------------------------------------
-    def handle(self, event: Event, now: float) -> None:
-        """Apply one incoming event."""
+    def handle(self, event: Event, now: float, *, by: str | None = None, event_id: str = "") -> None:
+        """Apply one incoming event. ``by`` is who sent a submission or cancel (the verified identity, or
+        what the event says in an insecure deployment) and ``event_id`` its envelope id."""
         match event:
             case JobSubmit():
-                self._submit(event, now)
+                said = event.submitted_by or ""
+                self._submit(event, now, by=said if by is None else by, event_id=event_id)
             case JobCancel():
-                self._cancel(event.job_id, event.reason, now)
+                said = event.cancelled_by or ""
+                self._cancel(event.job_id, event.reason, now, by=said if by is None else by)
             case AgentHeartbeat():
                 self._heartbeat(event, now)
             case JobBid():
@@ -329,11 +343,11 @@ class SchedulingCore:
             case _:
                 log.debug("ignored event", type=event.spec.type)
 
-    def _submit(self, ev: JobSubmit, now: float) -> None:
+    def _submit(self, ev: JobSubmit, now: float, *, by: str, event_id: str) -> None:
         if ev.job_id in self.jobs:
-            return  # a redelivery
+            return  # a redelivery (the I/O shell refuses a duplicate id before it gets here)
         rec = JobRecord(job_id=ev.job_id, spec=ev.jobspec, state=JobState.QUEUED, created=now, updated=now,
-                        submitted_by=ev.submitted_by)
+                        submitted_by=by, submit_id=event_id)
         self.jobs[ev.job_id] = self._open[ev.job_id] = self._queued[ev.job_id] = rec
         rec.seq = 1
         rec.history.append(Transition(now, JobState.QUEUED, 0, "submitted"))
@@ -342,18 +356,20 @@ class SchedulingCore:
                                                 reason="submitted"))
         self._save(rec)
         if ev.job_id in self._cancel_first:
-            self._cancel_first.discard(ev.job_id)
-            self._cancel(ev.job_id, "cancelled before it was queued", now)
+            self._cancel(ev.job_id, "cancelled before it was queued", now, by=self._cancel_first.pop(ev.job_id))
             return
         self._try_place(rec, now)
 
-    def _cancel(self, job_id: str, reason: str, now: float) -> None:
+    def _cancel(self, job_id: str, reason: str, now: float, *, by: str = "") -> None:
         rec = self.jobs.get(job_id)
         if rec is None:
-            self._cancel_first.add(job_id)  # the submission may still be on its way
+            self._cancel_first[job_id] = by  # the submission may still be on its way
+            while len(self._cancel_first) > _MAX_EARLY_CANCELS:
+                del self._cancel_first[next(iter(self._cancel_first))]
             return
         if rec.state.terminal:
             return
+        rec.cancelled_by = by
         rnd = self._rounds.pop(job_id, None)
         if rnd is not None:
             for agent_id in rnd.expected:
@@ -361,6 +377,20 @@ class SchedulingCore:
                     self.agents[agent_id].drop_pending(job_id)
         self._stop_placements(rec, reason)
         self._transition(rec, JobState.CANCELLED, reason, now)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job that was never saved (its record could not be stored): as if never submitted."""
+        rec = self.jobs.pop(job_id, None)
+        for index in (self._open, self._queued, self._awarded, self._failed_rounds, self._refused):
+            index.pop(job_id, None)
+        self._rounds.pop(job_id, None)
+        for view in self.agents.values():
+            view.drop_pending(job_id)
+        if rec is not None:
+            for p in rec.placements:
+                self._leases.pop((job_id, p.agent_id), None)
+        with contextlib.suppress(ValueError):
+            self._finished.remove(job_id)
 
     def _heartbeat(self, hb: AgentHeartbeat, now: float) -> None:
         view = self.agents.get(hb.agent_id)

@@ -341,3 +341,7 @@ def events_cmd(prefix: str, as_json: bool) -> None:
 
 COMMANDS: list[click.Command] = [up, context_cmd, creds_group, tail_cmd, publish_cmd, stats_cmd, streams_cmd, replay_cmd, events_cmd]
 """The commands this package adds to ``fedbus`` (the ``fedbus.cli`` entry point)."""
+
+from .deadletter_cli import dead_letters_cmd  # noqa: E402 - listed last, beside the list it joins
+
+COMMANDS.append(dead_letters_cmd)

@@ -50,8 +50,10 @@ async def test_agent_with_a_trust_file_runs_the_scheduler_awards(tmp_path: Path)
 async def test_busy_agent_refuses_and_the_job_goes_to_the_next(tmp_path: Path) -> None:
     broker = MemoryBroker()
     async with _scheduler(tmp_path, broker), _gpu(tmp_path, broker, "gpu-a", heartbeat_s=5) as a, \
-            _gpu(tmp_path, broker, "gpu-b", gpus=2), \
+            _gpu(tmp_path, broker, "gpu-b", gpus=2) as b, \
             LaunchClient(transport=MemoryTransport(broker)) as client:
+        for agent in (a, b):  # bids are signed: the watcher verifies them with the agents' keys
+            client.keyring.trust(agent.key.public_raw)
         # Something takes gpu-a's only GPU after its heartbeat: its ledger knows, the scheduler's view not.
         assert a.ledger is not None
         a.ledger.reserve("outside", Computing(gpus_per_node=1), expires=1e12, now=0.0)
