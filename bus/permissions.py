@@ -47,6 +47,7 @@ BUCKETS: Final[dict[str, Bucket]] = {
     "fedbus-identities": Bucket("kv", writers=(), readers=_ALL_BUT_DEVICES),
     "workspaces": Bucket("obj", writers=(), readers=("gpu-agent",)),
     "fl": Bucket("obj", writers=("aggregator", "fl-client"), readers=("aggregator", "fl-client")),
+    "fl-state": Bucket("obj", writers=("aggregator",), readers=()),
 }
 
 

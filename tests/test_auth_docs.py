@@ -61,3 +61,11 @@ def test_gpu_agent_cannot_award_or_read_other_agents_work() -> None:
                    or s.startswith("fedbus.jobs.submit") for s in grants.publish)
     assert "fedbus.jobs.award.gpu-1" in grants.subscribe and "fedbus.jobs.award.*" not in grants.subscribe
     assert not any(s.startswith("fedbus.jobs.log") or s.startswith("fedbus.jobs.submit") for s in grants.subscribe)
+
+
+def test_every_bucket_has_both_limits_and_access() -> None:
+    from fedbus.bus.limits import KV_BUCKETS, OBJECT_BUCKETS
+    from fedbus.bus.permissions import BUCKETS
+
+    assert {n for n, b in BUCKETS.items() if b.kind == "kv"} == set(KV_BUCKETS)
+    assert {n for n, b in BUCKETS.items() if b.kind == "obj"} == set(OBJECT_BUCKETS)
