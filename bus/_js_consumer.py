@@ -14,12 +14,13 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from ._js_errors import mapped, retriable, translate
+from ._js_errors import guarded, mapped, retriable, translate
 from ._store_base import ConsumerBase
 from .codec import Envelope
 from .errors import ClosedError
 from .events import Event
-from .stores import accept_stored, stream_name
+from .limits import stream_of
+from .stores import accept_stored
 
 if TYPE_CHECKING:
     from ._js_events import JetStreamEventLog
@@ -81,7 +82,7 @@ class JetStreamConsumer(ConsumerBase[_JsDelivery[E]]):
         self._cls = cls
         self._config = config
         self._batch = batch
-        self._stream = stream_name(cls.spec.domain)
+        self._stream = stream_of(cls)
         self._psub: JetStreamContext.PullSubscription | None = None
         self._buffer: deque[Msg] = deque()
 
@@ -95,8 +96,10 @@ class JetStreamConsumer(ConsumerBase[_JsDelivery[E]]):
         if self._psub is None:
             owner = self._log.owner
             await self._log.ensure(self._cls)
-            await owner.retrying("create consumer", lambda t: owner.js.add_consumer(
-                self._stream, self._config, timeout=t))
+            api_subject = f"$JS.API.CONSUMER.CREATE.{self._stream}.{self.name}"
+            await owner.retrying("create consumer", lambda t: guarded(
+                owner.nc, owner.js.add_consumer(self._stream, self._config, timeout=t), subject=api_subject,
+                what=f"create consumer {self.name} on {self._stream}"))
             with mapped():
                 self._psub = await owner.js.pull_subscribe_bind(durable=self.name, stream=self._stream)
         return self._psub

@@ -1,9 +1,13 @@
 """The JetStream event log: one stream per event domain, acknowledged publishes, durable consumers, replay.
 
 A stream ``FEDBUS_<DOMAIN>`` holds exactly the event types of that domain declared ``durable=True`` (subjects
-from ``Event.pattern()``). A publish carries ``Nats-Msg-Id`` = envelope id and returns once the broker stored
-it; it is retried with the same id across a broker restart, and the stream's duplicate window makes the retry
-a no-op. :meth:`JetStreamEventLog.publish_many` keeps a window of acks in flight instead of awaiting each.
+from ``Event.pattern()``), except the types with a stream of their own (:data:`fedbus.bus.limits.OWN_STREAMS`).
+A publish carries ``Nats-Msg-Id`` = envelope id and returns once the broker stored it; it is retried with the
+same id across a broker restart, and the stream's duplicate window makes the retry a no-op. A publish assumes
+its stream exists (a publisher may not be allowed to look streams up); only when no stream answers is the
+stream ensured: looked up, and created with its limits when this credential may (see :mod:`._js_provision`).
+:meth:`JetStreamEventLog.publish_many` keeps a window of acks in flight instead of awaiting each (its acks
+come back through :class:`~._js_acks.AckInbox`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import nats.js.errors
 import structlog
@@ -23,12 +27,14 @@ from nats.js.client import JetStreamContext
 from . import subjects
 from ._js_consumer import JetStreamConsumer, stored_ns
 from ._js_errors import mapped, retriable, translate
+from ._js_provision import ensure_event_stream
 from ._js_pull import Puller, ephemeral
 from ._store_base import EventLogBase, require_durable
 from .codec import Envelope
 from .errors import ConfigError, NotFound, PublishTimeout, StoreError, TransportError
 from .events import Event
-from .stores import ConsumerStats, PublishAck, StoredEvent, StreamStats, patterns_overlap, stored_event, stream_name
+from .limits import durable_streams, stream_of
+from .stores import ConsumerStats, PublishAck, StoredEvent, StreamStats, patterns_overlap, stored_event
 
 if TYPE_CHECKING:
     from .jetstream import JetStream
@@ -37,6 +43,15 @@ log = structlog.get_logger("fedbus.bus.jetstream")
 E = TypeVar("E", bound=Event)
 
 _MSG_ID = "Nats-Msg-Id"
+
+
+class _Out(NamedTuple):
+    """A frame to store: its event type (which says its stream), subject, bytes and deduplication id."""
+
+    cls: type[Event]
+    subject: str
+    data: bytes
+    msg_id: str
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -64,10 +79,15 @@ async def stream_stats(js: JetStreamContext) -> list[StreamStats]:
             consumers = tuple(_consumer_stats(c) for c in sorted(
                 await js.consumers_info(name), key=lambda c: c.name))
             state = info.state
+            config = info.config
             out.append(StreamStats(
-                name=name, subjects=tuple(info.config.subjects or ()), messages=state.messages,
+                name=name, subjects=tuple(config.subjects or ()), messages=state.messages,
                 bytes=state.bytes, first_seq=state.first_seq, last_seq=state.last_seq,
-                replicas=info.config.num_replicas or 1, consumers=consumers,
+                replicas=config.num_replicas or 1, consumers=consumers,
+                max_bytes=config.max_bytes if config.max_bytes is not None else -1,
+                max_msgs=config.max_msgs if config.max_msgs is not None else -1, max_age=config.max_age or 0.0,
+                max_msg_size=config.max_msg_size if config.max_msg_size is not None else -1,
+                discard=str(getattr(config.discard, "value", config.discard) or "old"),
             ))
     return sorted(out, key=lambda s: s.name)
 
@@ -88,62 +108,46 @@ class JetStreamEventLog(EventLogBase):
         self.owner = owner
         self.bus = owner.bus
         self._ensured: set[type[Event]] = set()
+        self._missing: set[type[Event]] = set()
+        """Types whose stream did not answer a publish: ensured before the next try."""
 
     # -- streams ----------------------------------------------------------------------------------------
     async def ensure(self, *classes: type[Event]) -> None:
-        """Create (or extend) the streams of these durable event types (all durable ones if none given)."""
+        """Make sure the streams of these durable event types (all durable ones if none given) exist and
+        store them: looked up first, created with their limits or extended only when needed. Raises
+        :class:`~fedbus.bus.limits.StoreMissing` when a stream is missing and this credential may not
+        create it (only ``fedbus up`` does, in secure mode)."""
         chosen = classes or tuple(c for c in self.bus.codec.catalogue if c.spec.durable)
-        by_stream: dict[str, set[str]] = {}
         for cls in chosen:
             require_durable(cls)
-            by_stream.setdefault(stream_name(cls.spec.domain), set()).add(cls.pattern())
-        for name, patterns in by_stream.items():
-            await self.owner.retrying("ensure stream", functools.partial(self._ensure_stream, name, patterns))
+        for name, patterns in durable_streams(chosen).items():
+            await self.owner.retrying("ensure stream", functools.partial(self._ensure_stream, name, set(patterns)))
         self._ensured.update(chosen)
+        self._missing.difference_update(chosen)
 
     async def _ensure_stream(self, name: str, patterns: set[str], _timeout: float) -> None:
-        js, opts = self.owner.js, self.owner.options
-        for _ in range(5):  # another agent may be extending the same stream: re-read and merge
-            try:
-                info = await js.stream_info(name)
-            except nats.js.errors.NotFoundError:
-                config = api.StreamConfig(
-                    name=name, subjects=sorted(patterns), storage=opts.storage_type,
-                    num_replicas=opts.replicas,
-                    duplicate_window=opts.duplicate_window, max_age=opts.max_age,
-                    max_msg_size=self.bus.codec.limits.max_frame_bytes, discard=api.DiscardPolicy.OLD,
-                    retention=api.RetentionPolicy.LIMITS,
-                )
-                try:
-                    await js.add_stream(config)
-                    return
-                except nats.js.errors.BadRequestError:
-                    continue  # created meanwhile, with other subjects: merge on the next pass
-            have = set(info.config.subjects or ())
-            if patterns <= have:
-                return
-            info.config.subjects = sorted(have | patterns)
-            await js.update_stream(info.config)
-        raise StoreError(f"could not extend stream {name} with {sorted(patterns)}")
+        await ensure_event_stream(self.owner, name, patterns)
 
     # -- publishing (publish and publish_envelope: EventLogBase) ----------------------------------------
-    async def _publish(self, event: Event, env: Envelope) -> PublishAck:
-        cls = type(event)
-        if cls not in self._ensured:
-            await self.ensure(cls)
-        subject, frame = event.subject(), self.bus.codec.pack(env)
+    async def _publish_frame(self, cls: type[Event], subject: str, frame: bytes, msg_id: str) -> PublishAck:
+        """Store ``frame`` once and wait for the ack. The stream is assumed to exist (no lookup, which a
+        publisher may not be permitted); when the broker says there is none, it is ensured, then the frame
+        sent again with the same id."""
+        require_durable(cls)
+        store = stream_of(cls)
 
         async def attempt(timeout: float) -> api.PubAck:
-            if cls not in self._ensured:  # the stream vanished (deleted, or a broker without its data)
-                await self._ensure_stream(stream_name(cls.spec.domain), {cls.pattern()}, timeout)
+            if cls in self._missing:  # no stream answered the last try (new, deleted, or not extended yet)
+                await ensure_event_stream(self.owner, store, {cls.pattern()})
+                self._missing.discard(cls)
                 self._ensured.add(cls)
             try:
-                return await self.owner.js.publish(subject, frame, timeout=timeout, headers={_MSG_ID: env.id})
+                return await self.owner.js.publish(subject, frame, timeout=timeout, headers={_MSG_ID: msg_id})
             except nats.js.errors.NoStreamResponseError:
-                self._ensured.discard(cls)
+                self._missing.add(cls)
                 raise
 
-        ack = await self.owner.retrying("publish", attempt)
+        ack = await self.owner.retrying("publish", attempt, store=store, subject=subject)
         return PublishAck(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def publish_many(self, events: Iterable[Event], *, trace: str | None = None) -> list[Envelope]:
@@ -154,13 +158,13 @@ class JetStreamEventLog(EventLogBase):
         """
         items = [(event, self.bus.envelope(event, trace=trace)) for event in events]
         classes = {type(event) for event, _ in items}
-        frames = [(event.subject(), self.bus.codec.pack(env), env.id) for event, env in items]
+        for cls in classes:
+            require_durable(cls)
+        frames = [_Out(type(event), event.subject(), self.bus.codec.pack(env), env.id) for event, env in items]
         await self._publish_frames(frames, classes)
         return [env for _, env in items]
 
-    async def _publish_frames(
-        self, frames: list[tuple[str, bytes, str]], classes: set[type[Event]]
-    ) -> list[PublishAck]:
+    async def _publish_frames(self, frames: list[_Out], classes: set[type[Event]]) -> list[PublishAck]:
         loop = asyncio.get_running_loop()
         acks: list[PublishAck | None] = [None] * len(frames)
         todo = list(range(len(frames)))
@@ -168,9 +172,9 @@ class JetStreamEventLog(EventLogBase):
         delay = 0.05
         while todo:
             before = len(todo)
-            if classes - self._ensured:  # first round, or a stream vanished in the last one
-                await self.ensure(*classes)
-            todo = await self._publish_round(frames, todo, acks)
+            if self._missing & classes:  # a stream did not answer in the last round
+                await self.ensure(*(self._missing & classes))
+            todo = sorted(await self._publish_round(frames, todo, acks))  # retried in the order given
             if not todo:
                 break
             now = loop.time()
@@ -185,10 +189,10 @@ class JetStreamEventLog(EventLogBase):
             delay = min(delay * 2, 1.0)
         return [ack for ack in acks if ack is not None]
 
-    async def _publish_round(self, frames: list[tuple[str, bytes, str]], todo: list[int],
+    async def _publish_round(self, frames: list[_Out], todo: list[int],
                              acks: list[PublishAck | None]) -> list[int]:
         """One pass over ``todo`` with a window of acks in flight; returns the indices to send again."""
-        js, opts = self.owner.js, self.owner.options
+        inbox, opts = self.owner.acks, self.owner.options
         in_flight: dict[asyncio.Future[api.PubAck], int] = {}
         retry: list[int] = []
         stalled = False
@@ -213,11 +217,11 @@ class JetStreamEventLog(EventLogBase):
                 elif retriable(exc):
                     retry.append(index)
                     if isinstance(exc, nats.js.errors.NoStreamResponseError):
-                        self._ensured.clear()  # re-created before the next round
+                        self._missing.add(frames[index].cls)  # ensured before the next round
                 else:
                     for other in in_flight:
                         other.cancel()
-                    raise translate(exc) from exc
+                    raise translate(exc, store=stream_of(frames[index].cls)) from exc
 
         for position, index in enumerate(todo):
             while len(in_flight) >= opts.publish_window and not stalled:
@@ -225,9 +229,9 @@ class JetStreamEventLog(EventLogBase):
             if stalled:
                 retry.extend(todo[position:])
                 break
-            subject, frame, msg_id = frames[index]
+            out = frames[index]
             try:
-                in_flight[await js.publish_async(subject, frame, headers={_MSG_ID: msg_id})] = index
+                in_flight[await inbox.publish(out.subject, out.data, headers={_MSG_ID: out.msg_id})] = index
             except Exception as exc:
                 if not retriable(exc):
                     raise translate(exc) from exc

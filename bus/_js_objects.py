@@ -24,9 +24,12 @@ from nats.js import api
 
 from . import subjects
 from ._js_errors import mapped, translate
+from ._js_provision import NAME_IN_USE, create, lookup, object_stream_config
 from ._js_pull import Puller, ephemeral
 from .codec import new_id
 from .errors import ConfigError, IntegrityError, NotFound, PublishTimeout
+from .limits import OBJECT_PREFIX as _PREFIX
+from .limits import object_stream, object_subjects
 from .stores import ChunkedObjectStore, ObjectInfo, _Digest, validate_bucket
 
 if TYPE_CHECKING:
@@ -59,7 +62,6 @@ class _Meta(msgspec.Struct, frozen=True):
 
 _META_ENCODER = msgspec.msgpack.Encoder()
 _META_DECODER = msgspec.msgpack.Decoder(_Meta)
-_PREFIX = "_fedbus"  # outside ``fedbus.>``, so `fedbus tail` never sees chunk traffic
 
 
 def _name_token(name: str) -> str:
@@ -79,7 +81,7 @@ class JetStreamObjectStore(ChunkedObjectStore):
     def __init__(self, owner: JetStream, bucket: str) -> None:
         self._owner = owner
         self.bucket = validate_bucket(bucket)
-        self.stream = f"FEDBUS_OBJ_{bucket}"
+        self.stream = object_stream(bucket)
         self.chunk_size = min(owner.options.chunk_size, owner.nc.max_payload)
         self.window = owner.options.chunk_window
         self._ready = False
@@ -91,24 +93,27 @@ class JetStreamObjectStore(ChunkedObjectStore):
         return subjects.join(_PREFIX, "obj", self.bucket, "m", _name_token(name))
 
     async def ensure(self) -> None:
-        """Create the bucket's stream if it does not exist."""
+        """Look the bucket's stream up; create it with its limits only when missing. Chunks are cut to fit
+        the stream's largest message."""
         if self._ready:
             return
-        opts = self._owner.options
-        config = api.StreamConfig(
-            name=self.stream, subjects=[_pattern(_PREFIX, "obj", self.bucket, "c", "*"),
-                                        _pattern(_PREFIX, "obj", self.bucket, "m", "*")],
-            storage=opts.storage_type, num_replicas=opts.replicas, allow_rollup_hdrs=True,
-            discard=api.DiscardPolicy.NEW, duplicate_window=opts.duplicate_window,
-        )
+        owner = self._owner
+        info = await owner.retrying("look up object bucket", lambda _t: lookup(owner, self.stream))
+        if info is None:
+            config = object_stream_config(owner, self.bucket, object_subjects(self.bucket),
+                                          owner.options.limits.object_bucket(self.bucket))
 
-        async def create(_timeout: float) -> None:
-            try:
-                await self._owner.js.stream_info(self.stream)
-            except nats.js.errors.NotFoundError:
-                await self._owner.js.add_stream(config)
+            async def add(_timeout: float) -> api.StreamInfo | None:
+                try:
+                    return (await create(owner, config, missing=f"(object bucket {self.bucket!r}) does not exist"))[0]
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != NAME_IN_USE:
+                        raise
+                    return await lookup(owner, self.stream)  # created meanwhile
 
-        await self._owner.retrying("create object bucket", create)
+            info = await owner.retrying("create object bucket", add)
+        if info is not None and (info.config.max_msg_size or 0) > 0:
+            self.chunk_size = min(self.chunk_size, info.config.max_msg_size or 0)
         self._ready = True
 
     async def _meta(self, name: str) -> _Meta | None:
@@ -137,17 +142,17 @@ class JetStreamObjectStore(ChunkedObjectStore):
         try:
             async for piece in pieces:
                 if len(in_flight) >= self.window:
-                    await _settle(in_flight.popleft(), timeout)
-                with mapped():
-                    in_flight.append(await js.publish_async(subject, piece))
+                    await _settle(in_flight.popleft(), timeout, self.stream)
+                with mapped(self.stream):
+                    in_flight.append(await self._owner.acks.publish(subject, piece))
                 chunks += 1
             while in_flight:
-                await _settle(in_flight.popleft(), timeout)
+                await _settle(in_flight.popleft(), timeout, self.stream)
             meta = _Meta(name, digest.size, digest.hexdigest(), chunks, self.chunk_size, time.time_ns(),
                          version)
             frame = _META_ENCODER.encode(meta)
             await self._owner.retrying("store object meta", lambda t: js.publish(
-                meta_subject, frame, timeout=t, headers={_ROLLUP: "sub"}))
+                meta_subject, frame, timeout=t, headers={_ROLLUP: "sub"}), store=self.stream)
         except BaseException:
             for future in in_flight:
                 future.cancel()
@@ -167,7 +172,7 @@ class JetStreamObjectStore(ChunkedObjectStore):
         if info.chunks == 0:
             return
         puller = Puller(self._owner, self.stream, ephemeral(self._chunk_subject(info.version)),
-                        window=self.window, max_bytes=self.chunk_size)
+                        window=self.window, max_bytes=max(self.chunk_size, info.chunk_size))
         async with puller:
             if puller.pending == 0:
                 raise NotFound(f"object {info.name!r} was replaced or deleted while being read")
@@ -196,11 +201,11 @@ class JetStreamObjectStore(ChunkedObjectStore):
         return sorted(out, key=lambda i: i.name)
 
 
-async def _settle(future: asyncio.Future[api.PubAck], timeout: float) -> api.PubAck:
+async def _settle(future: asyncio.Future[api.PubAck], timeout: float, stream: str) -> api.PubAck:
     try:
         return await asyncio.wait_for(future, timeout)
     except TimeoutError:
         raise PublishTimeout(f"no ack for an object chunk within {timeout:g}s") from None
     except Exception as exc:
-        raise translate(exc) from exc
+        raise translate(exc, store=stream) from exc
 

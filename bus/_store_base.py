@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
+from . import subjects
 from .errors import ClosedError, StoreError
 from .events import Event
 
@@ -77,13 +78,24 @@ class ConsumerBase(abc.ABC, Generic[D]):
 
 
 class EventLogBase(abc.ABC):
-    """The publish entry points of an event log, on top of the backend's ``_publish``."""
+    """The publish entry points of an event log, on top of the backend's ``_publish_frame``."""
 
     bus: Bus
 
     @abc.abstractmethod
+    async def _publish_frame(self, cls: type[Event], subject: str, frame: bytes, msg_id: str) -> PublishAck:
+        """Store ``frame`` (of a ``cls`` event, or a raw frame on its subject) once, however often it is sent."""
+
     async def _publish(self, event: Event, env: Envelope) -> PublishAck:
-        """Store ``env`` (the envelope of ``event``) once, however often it is sent."""
+        return await self._publish_frame(type(event), event.subject(), self.bus.codec.pack(env), env.id)
+
+    def _durable_for(self, subject: str) -> type[Event]:
+        """The durable event type whose stream stores ``subject``; :class:`StoreError` if none does."""
+        subjects.validate_subject(subject)
+        for cls in self.bus.codec.catalogue:
+            if cls.spec.durable and subjects.matches(cls.pattern(), subject):
+                return cls
+        raise StoreError(f"no durable event type is published on {subject!r}: no stream stores it")
 
     async def publish(self, event: Event, *, trace: str | None = None) -> Envelope:
         """Publish and wait until the event is stored; returns its envelope."""
@@ -91,9 +103,14 @@ class EventLogBase(abc.ABC):
         await self._publish(event, env)
         return env
 
-    async def publish_envelope(self, env: Envelope) -> PublishAck:
-        """(Re)publish an existing envelope; a retry of a stored one comes back ``duplicate=True``."""
-        return await self._publish(self.bus.codec.decode(env), env)
+    async def publish_envelope(self, env: Envelope, *, subject: str | None = None) -> PublishAck:
+        """(Re)publish an existing envelope; a retry of a stored one comes back ``duplicate=True``.
+
+        With ``subject``, the envelope is stored as it is on that subject (which a durable type's stream must
+        store), without being decoded: how ``fedbus publish`` stores raw JSON on a durable subject."""
+        if subject is None:
+            return await self._publish(self.bus.codec.decode(env), env)
+        return await self._publish_frame(self._durable_for(subject), subject, self.bus.codec.pack(env), env.id)
 
 
 class StoresBase:

@@ -23,22 +23,26 @@ store uses) and re-exports the stores, which live in private modules, one job ea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import structlog
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from ._js_acks import AckInbox
 from ._js_consumer import JetStreamConsumer
-from ._js_errors import retriable, translate
+from ._js_errors import PermissionDenied, denied, retriable, translate
 from ._js_events import JetStreamEventLog, stream_stats
 from ._js_kv import JetStreamKV, open_bucket
 from ._js_objects import _META_ENCODER, JetStreamObjectStore, _Meta  # noqa: F401  (tests forge meta records)
+from ._js_provision import provision
 from ._store_base import StoresBase
 from .client import Bus
 from .errors import ConfigError
+from .events import Event
+from .limits import StorageLimits
 from .stores import StreamStats
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "JetStreamKV",
     "JetStreamObjectStore",
     "JetStreamOptions",
+    "provision",
 ]
 
 log = structlog.get_logger("fedbus.bus.jetstream")
@@ -62,9 +67,11 @@ class JetStreamOptions:
     """Copies of every stream (1, or up to 5 on a cluster)."""
     storage: Literal["file", "memory"] = "file"
     duplicate_window: float = 120.0
-    """Seconds during which a re-published envelope id is recognised and not stored again."""
-    max_age: float | None = None
-    """Drop events older than this many seconds (``None``: keep them)."""
+    """Seconds during which a re-published envelope id is recognised and not stored again (at most a
+    stream's ``max_age``)."""
+    limits: StorageLimits = field(default_factory=StorageLimits)
+    """Limits of the streams and buckets these stores create when missing (``fedbus up`` provisions them
+    all from its limits file; other processes only create what is missing, in insecure mode)."""
     api_timeout: float = 5.0
     """One API call or one publish ack."""
     publish_timeout: float = 30.0
@@ -104,6 +111,8 @@ class JetStream(StoresBase):
             timeout=self.options.api_timeout,
             publish_async_max_pending=2 * max(self.options.publish_window, self.options.chunk_window),
         )
+        self.acks = AckInbox(self.nc)
+        """Where the acks of windowed publishes (``publish_many``, object chunks) come back."""
         self._log: JetStreamEventLog | None = None
         self.retries = 0
         """Calls and events sent again because the broker did not answer (restarts, elections)."""
@@ -133,13 +142,29 @@ class JetStream(StoresBase):
         """Every stream on the account (events, buckets, objects) with its consumers, sorted by name."""
         return await stream_stats(self.js)
 
+    async def close(self) -> None:
+        """Stop listening for acks (the bus owns the connection). Idempotent."""
+        await self.acks.close()
+
+    async def provision(self, limits: StorageLimits | None = None, *,
+                        events: Iterable[type[Event]] | None = None) -> list[str]:
+        """Create or update every stream and bucket the project uses with ``limits`` (admin; see
+        :func:`~._js_provision.provision`); one line per stream saying what was done."""
+        return await provision(self, limits, events=events)
+
     # -- shared plumbing --------------------------------------------------------------------------------
-    async def retrying(self, what: str, call: Callable[[float], Awaitable[T]]) -> T:
+    async def retrying(self, what: str, call: Callable[[float], Awaitable[T]], *, store: str = "the stream",
+                       subject: str | None = None) -> T:
         """Run ``call(timeout)`` until it succeeds, retrying errors that mean the broker is coming back,
-        for up to ``publish_timeout`` seconds; other errors (and the last one) are translated and raised."""
+        for up to ``publish_timeout`` seconds; other errors (and the last one) are translated and raised.
+
+        With ``subject`` (a publish), a timeout the server explains as a permissions violation on it is
+        raised at once as :class:`~._js_errors.PermissionDenied` instead of being retried; a write refused
+        by the limits of ``store`` is a :class:`~fedbus.bus.limits.LimitExceeded`, never retried."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.publish_timeout
         delay = 0.05
+        before = self.nc.last_error
         while True:
             timeout = max(min(self.options.api_timeout, deadline - loop.time()), 0.1)
             try:
@@ -147,8 +172,10 @@ class JetStream(StoresBase):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if subject is not None and denied(self.nc, subject, since=before):
+                    raise PermissionDenied(subject, f"publish on {subject}") from exc
                 if not retriable(exc) or loop.time() + delay >= deadline:
-                    raise translate(exc) from exc
+                    raise translate(exc, store=store) from exc
                 self.retries += 1
                 log.debug("retrying", what=what, error=f"{type(exc).__name__}: {exc}", delay=delay)
             await asyncio.sleep(delay)

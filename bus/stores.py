@@ -81,7 +81,8 @@ def validate_key(key: str) -> str:
 
 
 def stream_name(domain: str) -> str:
-    """The stream holding an event domain's durable events, e.g. ``FEDBUS_JOBS`` (both backends)."""
+    """The stream holding an event domain's durable events, e.g. ``FEDBUS_JOBS`` (both backends); a type
+    listed in :data:`~fedbus.bus.limits.OWN_STREAMS` has its own: use :func:`~fedbus.bus.limits.stream_of`."""
     return "FEDBUS_" + subjects.validate_token(domain, what="event domain").upper()
 
 
@@ -394,6 +395,12 @@ class StreamStats:
     last_seq: int
     replicas: int = 1
     consumers: tuple[ConsumerStats, ...] = field(default=())
+    max_bytes: int = -1
+    """The stream's limits (-1 or 0: none); see :mod:`fedbus.bus.limits`."""
+    max_msgs: int = -1
+    max_age: float = 0.0
+    max_msg_size: int = -1
+    discard: str = "old"
 
 
 @runtime_checkable
@@ -465,20 +472,25 @@ class EventLog(Protocol):
     """Durable streams of the event types declared ``durable=True``: one stream per event domain.
 
     A publish returns once the broker stored the event; the envelope id is the deduplication key, so
-    retrying the same envelope never stores it twice. Consumers are durable and at-least-once: an event is
-    delivered again until it is acknowledged (``ack_wait`` is the lease).
+    retrying the same envelope never stores it twice. A write the stream's limits refuse (too large, or the
+    stream full with ``discard: new``) raises :class:`~fedbus.bus.limits.LimitExceeded` at once. Consumers
+    are durable and at-least-once: an event is delivered again until it is acknowledged (``ack_wait`` is the
+    lease).
     """
 
     async def ensure(self, *classes: type[Event]) -> None:
-        """Create (or extend) the streams of these durable event types (all in the catalogue if none)."""
+        """Make sure the streams of these durable event types (all in the catalogue if none) exist and store
+        them: looked up, and created with their limits or extended only when needed. Raises
+        :class:`~fedbus.bus.limits.StoreMissing` where this credential may not create a missing stream."""
         ...
 
     async def publish(self, event: Event, *, trace: str | None = None) -> Envelope:
         """Publish and wait for the broker's ack; returns the stored envelope."""
         ...
 
-    async def publish_envelope(self, env: Envelope) -> PublishAck:
-        """(Re)publish an existing envelope; a retry of a stored envelope comes back ``duplicate``."""
+    async def publish_envelope(self, env: Envelope, *, subject: str | None = None) -> PublishAck:
+        """(Re)publish an existing envelope; a retry of a stored envelope comes back ``duplicate``. With
+        ``subject`` (which a durable type's stream must store), the envelope is stored undecoded there."""
         ...
 
     async def publish_many(self, events: Iterable[Event], *, trace: str | None = None) -> list[Envelope]:
@@ -559,7 +571,8 @@ async def open_stores(bus: Bus, **options: Any) -> Stores:
     """JetStream stores for a bus on NATS, in-memory ones (shared per broker) for a bus on a memory transport.
 
     ``options`` are :class:`~fedbus.bus.jetstream.JetStreamOptions` fields (``replicas``, ``storage``,
-    ``chunk_size``...); the memory backend uses ``chunk_size`` and ``duplicate_window`` and ignores the rest.
+    ``chunk_size``, ``limits``...); the memory backend uses ``chunk_size``, ``duplicate_window`` and
+    ``limits`` and ignores the rest.
     """
     name = bus.transport.name
     if name == "nats":

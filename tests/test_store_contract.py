@@ -16,6 +16,7 @@ from fedbus.bus import Bus, Catalogue, Codec, Event, MemoryBroker, MemoryTranspo
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.errors import Conflict, IntegrityError, NotFound, StoreError, SubjectError
 from fedbus.bus.jetstream import JetStream, JetStreamObjectStore
+from fedbus.bus.limits import BucketLimits, LimitExceeded, ObjectLimits, StorageLimits, StreamLimits
 from fedbus.bus.memstores import MemoryObjectStore, MemoryStores
 from fedbus.bus.nats_transport import NatsTransport
 from fedbus.bus.stores import EventLog, KeyValue, ObjectStore, Stores, open_stores
@@ -42,6 +43,35 @@ class Chatter(Event):
     text: str = ""
 
 
+@event("cfull", "rec", key="job_id", durable=True, catalogue=CAT)
+class Rec(Event):
+    """A record that matters: its stream refuses writes when full rather than evict any."""
+
+    job_id: str
+    n: int = 0
+    pad: str = ""
+
+
+@event("cold", "line", key="job_id", durable=True, catalogue=CAT)
+class Line(Event):
+    """A log line: its stream evicts the oldest when full."""
+
+    job_id: str
+    n: int = 0
+
+
+LIMITS = StorageLimits(
+    streams={
+        "FEDBUS_CFULL": StreamLimits(max_bytes=1 << 20, max_age=3600, max_msg_size=1024, max_msgs=4,
+                                     max_msgs_per_subject=2, discard="new", discard_new_per_subject=True),
+        "FEDBUS_COLD": StreamLimits(max_bytes=1 << 20, max_age=3600, max_msg_size=1024, max_msgs=3,
+                                    discard="old"),
+    },
+    kv={"ctestlim": BucketLimits(max_bytes=1 << 20, max_value_size=64)},
+    objects={"ctestfull": ObjectLimits(max_bytes=CHUNK * 5 // 2, max_chunk_size=CHUNK)},
+)
+
+
 @pytest.fixture(params=["memory", "jetstream"])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     codec = Codec(catalogue=CAT)
@@ -51,9 +81,10 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
         server: NatsServer = request.getfixturevalue("nats_server")
         bus = Bus(NatsTransport(server.url), source="contract", codec=codec)
     async with bus:
-        opened = await open_stores(bus, chunk_size=CHUNK)
+        opened = await open_stores(bus, chunk_size=CHUNK, limits=LIMITS)
         if isinstance(opened, JetStream):  # the session's server outlives tests: start from an empty stream
-            for name in ("FEDBUS_CTEST", "FEDBUS_OBJ_ctest", "KV_ctest", "KV_ctestttl"):
+            for name in ("FEDBUS_CTEST", "FEDBUS_OBJ_ctest", "KV_ctest", "KV_ctestttl", "FEDBUS_CFULL",
+                         "FEDBUS_COLD", "KV_ctestlim", "FEDBUS_OBJ_ctestfull"):
                 with contextlib.suppress(Exception):  # absent is fine (nats-py's own NotFoundError)
                     await opened.js.delete_stream(name)
         yield opened
@@ -337,3 +368,83 @@ async def test_failed_put_leaves_the_previous_object(stores: Stores) -> None:
         await objects.put_stream("keep", broken())
     assert await objects.get_bytes("keep") == b"old"
 
+
+
+# -- limits: the same on both backends ----------------------------------------------------------------------
+def retries(stores: Stores) -> int:
+    return stores.retries if isinstance(stores, JetStream) else 0
+
+
+async def test_a_full_discard_new_stream_refuses_new_events_and_keeps_every_stored_one(stores: Stores) -> None:
+    log = stores.event_log()
+    kept = [await log.publish(Rec(job_id="a", n=i)) for i in range(2)]
+    before = retries(stores)  # (the first publish found no stream, created it and went again)
+    with pytest.raises(LimitExceeded) as per_subject:  # a flood on one job's subject stops at its limit
+        await log.publish(Rec(job_id="a", n=2))
+    assert "per subject" in str(per_subject.value) and per_subject.value.store == "FEDBUS_CFULL"
+    kept += [await log.publish(Rec(job_id="b", n=i)) for i in range(2)]
+    with pytest.raises(LimitExceeded, match="maximum messages exceeded"):  # the stream is full
+        await log.publish(Rec(job_id="c"))
+    with pytest.raises(LimitExceeded, match="maximum messages exceeded"):  # a batch, with acks in flight
+        await log.publish_many([Rec(job_id="d"), Rec(job_id="e")])
+    assert retries(stores) == before  # refused at once: a full stream is not a broker coming back
+    assert [s.envelope.id for s in [s async for s in log.replay(Rec.pattern())] if s.envelope] == [
+        e.id for e in kept]
+    stats = {s.name: s for s in await log.streams()}["FEDBUS_CFULL"]
+    assert (stats.messages, stats.max_msgs, stats.discard) == (4, 4, "new")
+
+
+async def test_a_discard_old_stream_evicts_its_oldest_and_consumers_go_on(stores: Stores) -> None:
+    log = stores.event_log()
+    await log.publish_many([Line(job_id="j", n=i) for i in range(5)])
+    assert [s.event.n for s in [s async for s in log.replay(Line.pattern())] if isinstance(s.event, Line)] == [
+        2, 3, 4]
+    async with log.consume(Line, durable="late") as consumer:
+        got = [(await consumer.next(timeout=5)) for _ in range(3)]
+        assert [d.event.n for d in got] == [2, 3, 4] and [d.seq for d in got] == [3, 4, 5]
+        for d in got:
+            await d.ack()
+    stats = {s.name: s for s in await log.streams()}["FEDBUS_COLD"]
+    assert (stats.messages, stats.first_seq, stats.last_seq, stats.discard) == (3, 3, 5, "old")
+
+
+async def test_an_event_over_its_streams_max_msg_size_is_refused(stores: Stores) -> None:
+    log = stores.event_log()
+    await log.ensure(Rec)
+    with pytest.raises(LimitExceeded, match="message size"):
+        await log.publish(Rec(job_id="big", pad="x" * 2000))
+    assert retries(stores) == 0
+    await log.publish(Rec(job_id="small"))
+    assert [s.event for s in [s async for s in log.replay(Rec.pattern())]] == [Rec(job_id="small")]
+
+
+async def test_a_core_publish_over_the_limits_is_not_stored(stores: Stores) -> None:
+    """What a hostile client does: a big frame on a durable subject without asking for an ack."""
+    log = stores.event_log()
+    bus = bus_of(stores)
+    await log.ensure(Rec)
+    junk = bus.envelope(Rec(job_id="junk", pad="x" * 4000))
+    await bus.publish_envelope(Rec(job_id="junk").subject(), junk)
+    await bus.transport.flush()
+    after = await log.publish(Rec(job_id="after"))  # acknowledged: anything sent before it was handled
+    assert [s.envelope.id for s in [s async for s in log.replay(Rec.pattern())] if s.envelope] == [after.id]
+
+
+async def test_kv_refuses_a_value_over_the_buckets_limit(stores: Stores) -> None:
+    kv = await stores.key_value("ctestlim")
+    await kv.put("k", b"v" * 64)
+    with pytest.raises(LimitExceeded):
+        await kv.put("k", b"v" * 65)
+    with pytest.raises(LimitExceeded):
+        await kv.create("other", b"v" * 100)
+    assert (await kv.get("k")).value == b"v" * 64 and await kv.keys() == ["k"]
+
+
+async def test_a_full_object_bucket_refuses_new_objects_and_keeps_the_old(stores: Stores) -> None:
+    objects = await stores.object_store("ctestfull")
+    first = os.urandom(2 * CHUNK)
+    await objects.put_bytes("first", first)
+    with pytest.raises(LimitExceeded):
+        await objects.put_bytes("second", os.urandom(CHUNK))
+    assert await objects.get_bytes("first") == first
+    assert [i.name for i in await objects.list()] == ["first"]
