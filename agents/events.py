@@ -58,6 +58,10 @@ __all__ = [
 Why = Annotated[str, msgspec.Meta(max_length=2000)]
 #: A short word (an agent's kind or status).
 Word = Annotated[str, msgspec.Meta(max_length=64)]
+#: Resources and prices: finite and not negative (a NaN or an infinity would win every placement).
+Amount = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 class JobState(enum.StrEnum):
     """A job's lifecycle. ``lost`` is transient: the job goes back to ``queued`` (retry) or to ``failed``."""
@@ -94,19 +98,19 @@ class ReportPhase(enum.StrEnum):
 class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     """An agent's resources: totals and what is free now (after reservations and running jobs)."""
 
-    gpus: int = 0
-    free_gpus: int = 0
-    gpu_model: str = ""
-    gpu_memory_gb: float = 0.0
-    cpus: float = 0.0
-    free_cpus: float = 0.0
-    memory_gb: float = 0.0
-    free_memory_gb: float = 0.0
-    disk_gb: float = 0.0
-    free_disk_gb: float = 0.0
-    price_per_hour: float = 0.0
+    gpus: Count = 0
+    free_gpus: Count = 0
+    gpu_model: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    gpu_memory_gb: Amount = 0.0
+    cpus: Amount = 0.0
+    free_cpus: Amount = 0.0
+    memory_gb: Amount = 0.0
+    free_memory_gb: Amount = 0.0
+    disk_gb: Amount = 0.0
+    free_disk_gb: Amount = 0.0
+    price_per_hour: Amount = 0.0
     """Per GPU, or per node for jobs that use no GPU."""
-    labels: dict[str, str] = {}
+    labels: Annotated[dict[str, str], msgspec.Meta(max_length=64)] = {}
 
 
 class JobRef(msgspec.Struct, frozen=True, array_like=True):
@@ -188,9 +192,9 @@ class JobBid(Event):
     ok: bool = True
     reason: Why = ""
     capacity: Capacity | None = None
-    cost_per_hour: float = 0.0
-    address: str = ""
-    port: int = 0
+    cost_per_hour: Amount = 0.0
+    address: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    port: Port = 0
     """A port free on the agent, used as MASTER_PORT when it becomes rank 0."""
 
 

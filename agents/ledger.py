@@ -51,14 +51,16 @@ class Ledger:
         holds = [h for j, h in self._holds.items() if j != exclude]
         res = self.resources
         disk_free = self._free_disk() if self._free_disk is not None else res.disk_gb
+        # Never negative (a full disk, an overcommit): the schema refuses negative amounts on the wire.
         return Capacity(
-            gpus=len(res.gpus), free_gpus=len(res.gpus) - sum(len(h.gpu_ids) for h in holds),
+            gpus=len(res.gpus), free_gpus=max(len(res.gpus) - sum(len(h.gpu_ids) for h in holds), 0),
             gpu_model=res.gpu_model, gpu_memory_gb=res.gpu_memory_gb,
-            cpus=res.cpus, free_cpus=round(res.cpus - sum(h.needs.cpus_per_node for h in holds), 3),
+            cpus=res.cpus, free_cpus=max(round(res.cpus - sum(h.needs.cpus_per_node for h in holds), 3), 0.0),
             memory_gb=res.memory_gb,
-            free_memory_gb=round(res.memory_gb - sum(h.needs.min_memory_gb for h in holds), 3),
+            free_memory_gb=max(round(res.memory_gb - sum(h.needs.min_memory_gb for h in holds), 3), 0.0),
             disk_gb=res.disk_gb,
-            free_disk_gb=round(min(disk_free, res.disk_gb) - sum(h.needs.min_disk_gb for h in holds), 3),
+            free_disk_gb=max(round(min(disk_free, res.disk_gb) - sum(h.needs.min_disk_gb for h in holds), 3),
+                             0.0),
             price_per_hour=self.price_per_hour, labels=self.labels,
         )
 

@@ -23,6 +23,7 @@ from fedbus.agents.client import LaunchClient, new_job_id
 from fedbus.agents.events import (
     EVENT_TYPES,
     AgentHeartbeat,
+    Capacity,
     JobBid,
     JobReport,
     JobState,
@@ -98,6 +99,20 @@ def test_a_traversal_id_is_a_schema_error_before_any_handler(field: str) -> None
     with pytest.raises(SchemaError) as info:
         codec.decode(env)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_a_capacity_that_would_win_every_placement_is_a_schema_error(value: float) -> None:
+    codec = Codec()
+    beat = AgentHeartbeat(agent_id="gpu-x", kind="gpu", status="ready", instance="i", seq=1, interval_s=1.0,
+                          capacity=Capacity(cpus=8, free_cpus=8, price_per_hour=1.0))
+    env = codec.envelope(beat, source="gpu-x")
+    data = msgspec.msgpack.decode(env.data)
+    data["capacity"]["price_per_hour"] = value
+    env.data = msgspec.msgpack.encode(data)
+    with pytest.raises(SchemaError) as info:
+        codec.decode(env)
+    assert info.value.field == "capacity.price_per_hour"
 
 
 def test_pub_sub_declarations_follow_the_table() -> None:
