@@ -3,9 +3,10 @@
 :class:`RecordSaver` writes each record on the revision the scheduler wrote last. A new record takes over its
 submitter's claim (:mod:`fedbus.agents.records`) when the claim names the same submission, and is refused
 when the id belongs to another job. While the broker is away a save waits (write-ahead: nothing is sent that
-was not saved); any other error ends the save after ``give_up_s`` with a :class:`SaveFailure`, so one record
-that cannot be stored never blocks the others: a new one is dropped (its submission is tried again later,
-then dead-lettered), an existing one is saved again with the next batches, a few times.
+was not saved); a refusal by the bucket's limits (too large, or full) ends the save at once, and any other
+error after ``give_up_s``, with a :class:`SaveFailure`, so one record that cannot be stored never blocks the
+others: a new one is dropped (its submission is tried again later, with a growing delay, then dead-lettered),
+an existing one is saved again with the next batches, a few times.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import msgspec
 
 from fedbus.bus.errors import Conflict, FedbusError, NotFound, TransportError
+from fedbus.bus.limits import LimitExceeded
 from fedbus.bus.stores import KeyValue
 
 from .events import JobState, JobStatus
@@ -104,6 +106,8 @@ class RecordSaver:
             except Conflict:
                 await self._conflict(rec, new)
                 continue
+            except LimitExceeded as exc:  # not now: maybe later (a full bucket), the attempts will tell
+                return self._failed(job_id, new, f"its record cannot be stored: {exc}")
             except TransportError as exc:  # the broker is away: everything waits for it
                 self.log.warning("job record not saved yet; retrying", job_id=job_id, error=str(exc))
             except FedbusError as exc:
