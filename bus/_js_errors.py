@@ -107,13 +107,13 @@ def translate(exc: BaseException, *, store: str = "the stream") -> BaseException
 
 
 def denied(nc: Any, subject: str, *, since: object = None) -> bool:
-    """Whether the server has reported a permissions violation for ``subject`` (or a subject it starts) on
-    ``nc`` after ``since`` (the ``nc.last_error`` seen before the call)."""
+    """Whether the server has reported a permissions violation for ``subject`` (or a subject below it, token
+    by token) on ``nc`` after ``since`` (the ``nc.last_error`` seen before the call)."""
     err = getattr(nc, "last_error", None)
     if err is None or err is since:
         return False
-    text = str(err).lower()
-    return _PERMISSIONS in text and f'"{subject.lower()}' in text  # the subject, or one it starts
+    text, subject = str(err).lower(), subject.lower()
+    return _PERMISSIONS in text and (f'"{subject}"' in text or f'"{subject}.' in text)
 
 
 async def guarded(nc: Any, call: Awaitable[T], *, subject: str, what: str, poll: float = 0.02) -> T:

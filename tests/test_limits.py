@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 from fedbus.bus import Bus, Codec
+from fedbus.bus._js_errors import denied
 from fedbus.bus.authority import Authority
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.catalogue import Record
@@ -119,6 +120,16 @@ def test_parse_limits_refuses_what_is_not_a_mapping() -> None:
         parse_limits(["streams"])
     with pytest.raises(ConfigError):
         StreamLimits(max_bytes=0, max_age=0, max_msg_size=1)
+
+
+def test_a_permissions_violation_is_matched_to_its_subject_token_by_token() -> None:
+    class Conn:  # what nats-py keeps of the server's -ERR (lower-cased)
+        last_error = Exception('nats: permissions violation for publish to "$js.api.stream.info.fedbus_jobs_log"')
+
+    assert denied(Conn(), "$JS.API.STREAM.INFO.FEDBUS_JOBS_LOG")
+    assert denied(Conn(), "$JS.API.STREAM.INFO")  # a subject below it
+    assert not denied(Conn(), "$JS.API.STREAM.INFO.FEDBUS_JOBS")  # another stream, though a prefix
+    assert not denied(Conn(), "$JS.API.STREAM.INFO.FEDBUS_JOBS_LOG", since=Conn.last_error)  # seen before
 
 
 # -- provisioning ----------------------------------------------------------------------------------------
