@@ -21,7 +21,16 @@ from rich.table import Table
 from rich.text import Text
 
 from fedbus.bus.cli import server_option
-from fedbus.bus.console import EXIT_UNAVAILABLE, configure_logging, err, fail, out, run_async
+from fedbus.bus.console import (
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    configure_logging,
+    err,
+    fail,
+    out,
+    run_async,
+)
 from fedbus.bus.creds import Credentials, load_creds
 from fedbus.bus.errors import ConfigError, FedbusError
 
@@ -276,12 +285,6 @@ def launch_cmd(job_file: Path, server: str | None, follow: bool, timeout: float 
     raise SystemExit(run_async(main))
 
 
-_EXIT_TIMEOUT = 124
-"""``--timeout`` ran out (the job goes on); the table is in docs/cli.md."""
-_EXIT_INTERRUPTED = 130
-"""Ctrl-C while following (the job goes on)."""
-
-
 async def _launch_and_follow(client: LaunchClient, loaded: Any, job_id: str, *, timeout: float | None,
                              server: str | None) -> int:
     """Submit and follow until the job ends (its exit code), ``timeout`` runs out (124) or Ctrl-C (130)."""
@@ -312,7 +315,7 @@ async def _launch_and_follow(client: LaunchClient, loaded: Any, job_id: str, *, 
             err.print(f"detached: job {job_id} goes on; cancel it with: fedbus cancel {job_id}{where}")
         else:
             err.print(f"interrupted while submitting job {job_id}; check with: fedbus job {job_id}{where}")
-        return _EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     try:
         record = following.result()
     except TimeoutError:
@@ -322,7 +325,7 @@ async def _launch_and_follow(client: LaunchClient, loaded: Any, job_id: str, *, 
             state = "not finished"
         err.print(f"job {job_id} is still {state} after {timeout:g}s and goes on; follow it with: "
                   f"fedbus logs -f {job_id}{where}; cancel it with: fedbus cancel {job_id}{where}")
-        return _EXIT_TIMEOUT
+        return EXIT_TIMEOUT
     return exit_code_of(record)
 
 
