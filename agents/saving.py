@@ -66,6 +66,10 @@ class RecordSaver:
         self._revisions.update((rec.job_id, revision) for rec, revision in records)
         self._claims.update((rec.job_id, (rec.submit_id, revision)) for rec, revision in claims)
 
+    def stored(self, job_id: str) -> bool:
+        """Whether this scheduler stored a record under ``job_id`` (finished jobs leave memory, not the store)."""
+        return job_id in self._revisions
+
     async def save_all(self, saves: Mapping[str, JobRecord], *, jobs: Mapping[str, JobRecord]
                        ) -> dict[str, SaveFailure]:
         """Save ``saves`` (and records whose earlier save failed); returns the failures by job id."""

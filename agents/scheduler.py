@@ -45,7 +45,7 @@ from fedbus.bus.events import Event
 from fedbus.bus.stores import AckableDelivery, EventConsumer, EventLog, KeyValue, open_stores
 from fedbus.bus.transport import Transport
 
-from .admission import Gate, Signers, registry_in_use
+from .admission import Gate, Signers, Verdict, registry_in_use
 from .events import AgentHeartbeat, JobBid, JobCancel, JobLog, JobReport, JobState, JobStatus, JobSubmit
 from .placement import policy_named
 from .records import JOBS_BUCKET, decode_record, encode_record, is_claim
@@ -145,9 +145,11 @@ class SchedulerAgent(Agent):
             self._consume(input_log.consume(cls, durable=durable, ack_wait=ack_wait), durable)
         self.spawn(self._announce(log), name="announcer")
         self.spawn(self._loop(), name="loop")
-        self.log.warning("secure: submits and cancels must be signed by an admin identity, bids and reports "
-                         "by the agent's" if self.secure else
-                         "insecure: no identities are registered; anyone who reaches the broker may submit")
+        if self.secure:
+            self.log.info("secure: submits and cancels count only when signed by an admin identity, bids and "
+                          "reports only when signed by the agent they name")
+        else:
+            self.log.warning("insecure: no identities are registered; anyone who reaches the broker may submit")
 
     async def _load(self, jobs: KeyValue) -> tuple[list[tuple[JobRecord, int]], list[tuple[JobRecord, int]]]:
         """Every stored record with its revision: the scheduler's own, and submitters' claims."""
@@ -212,6 +214,9 @@ class SchedulerAgent(Agent):
             self.metrics.inc("dead_letters_total")
             return False
         verdict = await gate.admit(item.event, item.envelope, item.subject, core.jobs)
+        if verdict.ok and isinstance(item.event, JobSubmit) and item.event.job_id not in core.jobs \
+                and self._saver is not None and self._saver.stored(item.event.job_id):
+            verdict = Verdict(False, f"job id {item.event.job_id!r} is taken (by a finished job)")
         if not verdict.ok:
             await self._refuse(item, verdict.reason)
             return False

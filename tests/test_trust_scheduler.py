@@ -195,11 +195,11 @@ def _creds(ident: str, role: Role, seed: bytes | None = None) -> Credentials:
     return Credentials(id=ident, role=role, user=ident, password="-", signing_seed=seed or os.urandom(32))
 
 
-def _scheduler(root: Path, broker: MemoryBroker) -> SchedulerAgent:
+def _scheduler(root: Path, broker: MemoryBroker, *, keep_finished: int = 10_000) -> SchedulerAgent:
+    scheduling = SchedulerConfig(warmup_s=0.2, bid_window_s=0.3, keep_finished=keep_finished)
     return SchedulerAgent(RuntimeConfig(state_dir=root / "scheduler", agent_id="scheduler", heartbeat_s=0.1,
                                         health_port=None),
-                          SchedulerAgentConfig(scheduling=SchedulerConfig(warmup_s=0.2, bid_window_s=0.3)),
-                          transport=MemoryTransport(broker))
+                          SchedulerAgentConfig(scheduling=scheduling), transport=MemoryTransport(broker))
 
 
 def _gpu(root: Path, transport: object, name: str, server: str | None = None) -> GpuAgent:
@@ -279,6 +279,23 @@ async def test_secure_scheduler_takes_jobs_only_from_admins_and_work_only_from_t
         assert all(d.refused and d.attempts == 1 for d in letters)
         report = next(d for d in letters if d.event_type == "jobs.report")
         assert "not by 'gpu-1''s registered key" in report.reason
+
+
+async def test_the_id_of_a_finished_job_stays_taken_after_it_leaves_memory(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDBUS_CREDS", raising=False)
+    broker = MemoryBroker()
+    async with _scheduler(tmp_path, broker, keep_finished=0) as scheduler, \
+            _gpu(tmp_path, MemoryTransport(broker), "gpu-1"), \
+            LaunchClient(transport=MemoryTransport(broker)) as client:
+        spec = JobSpec(job="echo first")
+        record = await client.follow("old-1", submit=lambda: client.submit(spec, job_id="old-1"), timeout=10)
+        assert record.state is JobState.SUCCEEDED and scheduler.core is not None
+        assert "old-1" not in scheduler.core.jobs  # only the store remembers it
+        hijack = await client.stores.event_log().publish(JobSubmit(job_id="old-1", jobspec=JobSpec(job="echo 2")))
+        await _until(lambda: _has_letter(client, hijack.id))
+        after = await client.job("old-1")
+        assert (after.spec.job, after.submit_id, after.state) == ("echo first", record.submit_id, record.state)
 
 
 async def _state_is(client: LaunchClient, job_id: str, state: JobState) -> bool:
