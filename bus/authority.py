@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,7 @@ class Authority:
         if advertise:
             urls = {k: v.replace(f"://{server.client_host}:", f"://{advertise}:", 1) for k, v in urls.items()}
         self.set_servers(urls)
+        _write_private(self.dir / "monitor.url", server.monitor_url)
 
     def servers(self) -> dict[str, str]:
         try:
@@ -244,14 +246,33 @@ class Authority:
         _write_private(self.users_conf, text)
         return True
 
-    def reload_broker(self) -> bool:
-        """Ask the running broker to reload its configuration; ``False`` if none is running."""
+    def reload_broker(self, *, timeout: float = 10.0) -> bool:
+        """Ask the running broker to reload its configuration and wait until it has (its monitoring port
+        reports a new configuration digest); ``False`` if none is running."""
+        before = self._config_digest()
         try:
             pid = int(self.pid_path.read_text().strip())
             os.kill(pid, signal.SIGHUP)
         except (OSError, ValueError):
             return False
-        return True
+        if before is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self._config_digest()
+            if now is not None and now != before:
+                return True
+            time.sleep(0.02)
+        raise ConfigError(f"the broker did not reload its users within {timeout:g}s; see its log",
+                          source=str(self.data_dir))
+
+    def _config_digest(self) -> str | None:
+        try:
+            url = (self.dir / "monitor.url").read_text().strip()
+            with urllib.request.urlopen(f"{url}/varz", timeout=2) as response:
+                return str(json.load(response).get("config_digest") or "")
+        except (OSError, ValueError):
+            return None
 
     def server(self, events: Iterable[type[Event]] | None = None, **options: Any) -> NatsServer:
         """A (not yet started) nats-server for this authority: TLS on NATS and MQTT, only its users, each

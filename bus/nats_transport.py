@@ -208,7 +208,9 @@ class NatsTransport(TransportBase):
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("slow consumer", subject=getattr(exc, "subject", None))
         else:
-            log.warning("nats error", error=f"{type(exc).__name__}: {exc}", url=self.url)
+            # A refused publish or subscription also reaches its caller as an error; log it quietly here.
+            level = log.info if "permissions violation" in str(exc).lower() else log.warning
+            level("nats error", error=f"{type(exc).__name__}: {exc}", url=self.url)
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()

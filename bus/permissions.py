@@ -31,9 +31,15 @@ class Bucket:
     writers: tuple[str, ...] = ()
     readers: tuple[str, ...] = ()
 
-    @property
-    def stream_prefix(self) -> str:
-        return "KV_" if self.kind == "kv" else "OBJ_"
+    def stream(self, name: str) -> str:
+        from .limits import kv_stream, object_stream  # noqa: PLC0415
+
+        return kv_stream(name) if self.kind == "kv" else object_stream(name)
+
+    def write_subject(self, name: str, key: str = ">") -> str:
+        from .limits import OBJECT_PREFIX  # noqa: PLC0415
+
+        return f"$KV.{name}.{key}" if self.kind == "kv" else f"{OBJECT_PREFIX}.obj.{name}.>"
 
 
 _DAEMONS: Final = ("scheduler", "gpu-agent", "aggregator", "observer", "gateway", "replica")
@@ -95,7 +101,7 @@ def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
     """What credential ``ident`` of ``role`` may publish and subscribe to."""
     if role is Role.ADMIN:
         return Grants(publish=None, subscribe=None)
-    from .stores import stream_name  # noqa: PLC0415 - stores imports the JetStream-free core only
+    from .limits import stream_of  # noqa: PLC0415
 
     grants = Grants()
     inbox = inbox_prefix(ident)
@@ -114,12 +120,12 @@ def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
             grants.add(sub=[subject])
             if spec.durable:
                 uses_js = True
-                stream = stream_name(spec.domain)
+                stream = stream_of(cls)
                 grants.add(pub=[f"$JS.API.CONSUMER.CREATE.{stream}.*.{subject}", *_stream_read(stream)])
         if spec.durable and _allowed(spec.pub, role)[0]:
             uses_js = True  # publishing to a stream waits for its ack on the inbox: no API access needed
     for name, bucket in (BUCKETS if buckets is None else buckets).items():
-        stream = bucket.stream_prefix + name
+        stream = bucket.stream(name)
         writes, own_key = _allowed(bucket.writers, role)
         reads = writes or _allowed(bucket.readers, role)[0]
         if not reads:
@@ -131,8 +137,7 @@ def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
             *_stream_read(stream),
         ])
         if writes:
-            prefix = "$KV" if bucket.kind == "kv" else "$O"
-            grants.add(pub=[f"{prefix}.{name}.{ident}" if own_key else f"{prefix}.{name}.>"])
+            grants.add(pub=[bucket.write_subject(name, ident if own_key else ">")])
             if bucket.kind == "obj":
                 grants.add(pub=[f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.STREAM.MSG.DELETE.{stream}"])
     if uses_js:

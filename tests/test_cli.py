@@ -20,6 +20,7 @@ import msgpack
 import pytest
 
 from fedbus.bus import connect, publish_sync
+from fedbus.bus.creds import Credentials
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.catalogue import Heartbeat, Notice, Record
 from fedbus.bus.client import Security
@@ -103,14 +104,15 @@ async def test_up_picks_free_ports_when_taken_says_so_and_stops_cleanly(tmp_path
                            "--data-dir", str(tmp_path / "data")) as up:
             info = json.loads(await line_containing(up.stdout, '"nats"'))
             assert info["nats"] != f"nats://127.0.0.1:{nats_port}"
-            assert info["mqtt"].startswith("mqtt://127.0.0.1:") and not info["mqtt"].endswith(f":{mqtt_port}")
+            assert info["mqtt"].startswith("mqtts://127.0.0.1:") and not info["mqtt"].endswith(f":{mqtt_port}")
             assert f"NATS port {nats_port} is in use; using " in " ".join(info["notes"])
             assert f"MQTT port {mqtt_port} is in use; using " in " ".join(info["notes"])
-            assert info["export"] == f"export FEDBUS_SERVER={info['nats']}"
+            assert info["nats"].startswith("tls://") and Path(info["creds"]).is_file()
             await line_containing(up.stderr, f"NATS port {nats_port} is in use")  # said to the human too
             (node,) = info["nodes"]
 
-            async with connect(info["nats"], source="probe") as bus:  # a real, working broker
+            creds = Credentials.load(Path(info["creds"]))
+            async with connect(info["nats"], source="probe", creds=creds) as bus:  # a real, working broker
                 beats = await bus.subscribe(Heartbeat)
                 await bus.publish(Heartbeat(agent_id="probe"))
                 assert (await beats.next(5)).event.agent_id == "probe"
@@ -122,7 +124,7 @@ async def test_up_picks_free_ports_when_taken_says_so_and_stops_cleanly(tmp_path
 
 
 async def test_up_cluster_starts_three_routed_nodes(tmp_path: Path) -> None:
-    async with started("up", "--json", "--cluster", "3", "--nats-port", "0", "--no-mqtt",
+    async with started("up", "--json", "--insecure", "--cluster", "3", "--nats-port", "0", "--no-mqtt",
                        "--data-dir", str(tmp_path)) as up:
         info = json.loads(await line_containing(up.stdout, '"nats"'))
         assert len(info["nodes"]) == 3 and info["mqtt"] is None
@@ -302,7 +304,7 @@ async def test_publish_signs_with_a_key_file(nats_server: NatsServer, tmp_path: 
 
 async def test_errors_are_one_line_with_exit_codes() -> None:
     code, _, err = await run("tail", "--count", "1", server="nats://127.0.0.1:1")
-    assert code == 1 and err.startswith("error: cannot reach NATS") and "Traceback" not in err
+    assert code == 69 and err.startswith("error: cannot reach NATS") and "Traceback" not in err
     code, _, err = await run("tail", server="gopher://x")
     assert code == 2 and "unsupported scheme 'gopher'" in err and "Traceback" not in err
     code, _, err = await run("tail", "no spaces allowed", server="nats://127.0.0.1:1")
