@@ -64,9 +64,13 @@ class Verdict:
     ok: bool
     reason: str = ""
     by: str | None = None
+    quiet: bool = False
+    """Not for the scheduler and nothing wrong with it (another daemon's heartbeat): dropped unlogged."""
 
 
 _OK = Verdict(True)
+#: Heartbeat kinds of agents that bid for and run jobs; other daemons' heartbeats are not the scheduler's.
+JOB_RUNNER_KINDS = frozenset({"gpu", "device"})
 
 
 class Signers:
@@ -142,6 +146,8 @@ class Gate:
         if subject != event.subject():
             return Verdict(False, f"came on {subject!r}, not on its own subject {event.subject()!r}")
         match event:
+            case AgentHeartbeat(kind=kind) if kind not in JOB_RUNNER_KINDS:
+                return Verdict(False, f"a {kind} runs no jobs", quiet=True)
             case AgentHeartbeat(agent_id=agent_id):
                 _, why = await self.signers.key(agent_id, AGENT_ROLES)
                 return Verdict(False, why) if why else _OK

@@ -31,11 +31,12 @@ import msgspec
 
 from fedbus.bus.client import Bus, Security
 from fedbus.bus.codec import Envelope, new_id
-from fedbus.bus.connect import resolve_url, transport_for
-from fedbus.bus.creds import Credentials, load_creds
+from fedbus.bus.connect import resolve, transport_for
+from fedbus.bus.creds import IDENTITIES_BUCKET, Credentials, Identity, fetch_identity
 from fedbus.bus.errors import Conflict, FedbusError, NotFound
 from fedbus.bus.events import Event
 from fedbus.bus.roles import validate_id
+from fedbus.bus.roles import Role
 from fedbus.bus.signing import KeyRing
 from fedbus.bus.stores import EventLog, KeyValue, ObjectStore, Stores, open_stores
 from fedbus.bus.transport import Transport
@@ -75,6 +76,16 @@ def exit_code_of(record: JobRecord) -> int:
     return 1
 
 
+async def scheduler_identities(identities: KeyValue) -> list[Identity]:
+    """Every scheduler the authority registered (their keys sign job statuses)."""
+    found = []
+    for ident in await identities.keys():
+        identity = await fetch_identity(identities, ident)
+        if identity is not None and identity.role is Role.SCHEDULER:
+            found.append(identity)
+    return found
+
+
 class LaunchClient:
     """A short-lived client of the Launch system (one per command). ``creds`` (default: ``FEDBUS_CREDS``'s)
     signs submits and cancels."""
@@ -82,12 +93,13 @@ class LaunchClient:
     def __init__(self, server: str | None = None, *, transport: Transport | None = None,
                  source: str | None = None, scheduler_id: str = "scheduler",
                  creds: Credentials | None = None) -> None:
-        self.server = resolve_url(server)
-        self.creds = creds if creds is not None else load_creds()
-        self.source = source or (creds.id if creds is not None else
+        # The server and credential: given, FEDBUS_SERVER/FEDBUS_CREDS, or the context `fedbus up` saved.
+        self.server, self.creds = (server or "memory://", creds) if transport is not None else resolve(server, creds)
+        self.source = source or (self.creds.id if self.creds is not None else
                                  f"cli-{os.getpid()}-{new_id()[-6:].lower()}")
         self.scheduler_id = scheduler_id
-        self._transport = transport or transport_for(self.server, client_id=f"{self.source}-{os.getpid()}")
+        self._transport = transport or transport_for(self.server, client_id=f"{self.source}-{os.getpid()}",
+                                                     creds=self.creds)
         self.keyring = KeyRing()
         self.bus = Bus(self._transport, source=self.source, keyring=self.keyring, security=Security.VERIFY)
         self._stores: Stores | None = None
@@ -104,6 +116,9 @@ class LaunchClient:
             raw = await fetch_key(await self._stores.key_value(KEYS_BUCKET), self.scheduler_id)
             if raw is not None:
                 self.keyring.trust(raw)
+            if self.creds is not None:  # secure mode: schedulers are who the authority says they are
+                for identity in await scheduler_identities(await self._stores.key_value(IDENTITIES_BUCKET)):
+                    self.keyring.trust(identity.public_key)
         except BaseException:
             await self.bus.close()
             raise

@@ -129,7 +129,9 @@ class LogLine(msgspec.Struct, frozen=True, array_like=True):
     text: str
 
 
-@event("agents", "heartbeat", key="agent_id", pub=("gpu-agent:self", "device:self"),
+@event("agents", "heartbeat", key="agent_id", pub=("scheduler:self", "gpu-agent:self", "device:self",
+                                                   "aggregator:self", "observer:self", "gateway:self",
+                                                   "replica:self"),
        sub=("scheduler", "observer"))
 class AgentHeartbeat(Event):
     """An agent is alive: its status, live capacity and the job attempts it holds (which renews their

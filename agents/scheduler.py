@@ -124,7 +124,8 @@ class SchedulerAgent(Agent):
                          max_submit_bytes=self.sched.max_submit_bytes)
         self.dead = await DeadLetters.open(stores, agent_id=self.agent_id, policy=self.sched.retry)
         log = stores.event_log()
-        await log.ensure(JobSubmit, JobCancel, JobReport, JobStatus, JobLog)
+        # In secure mode `fedbus up` made every stream; the scheduler may not even look at the log stream.
+        await log.ensure(JobSubmit, JobCancel, JobReport, JobStatus, *(() if self.secure else (JobLog,)))
         records, claims = await self._load(jobs)
         self._saver = RecordSaver(jobs, max_bytes=self.sched.max_record_bytes, log=self.log,
                                   give_up_s=self.sched.save_give_up_s)
@@ -218,7 +219,8 @@ class SchedulerAgent(Agent):
                 and self._saver is not None and self._saver.stored(item.event.job_id):
             verdict = Verdict(False, f"job id {item.event.job_id!r} is taken (by a finished job)")
         if not verdict.ok:
-            await self._refuse(item, verdict.reason)
+            if not verdict.quiet:
+                await self._refuse(item, verdict.reason)
             return False
         try:
             core.handle(item.event, now, by=verdict.by, event_id=item.envelope.id)

@@ -123,7 +123,8 @@ def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
                 stream = stream_of(cls)
                 grants.add(pub=[f"$JS.API.CONSUMER.CREATE.{stream}.*.{subject}", *_stream_read(stream)])
         if spec.durable and _allowed(spec.pub, role)[0]:
-            uses_js = True  # publishing to a stream waits for its ack on the inbox: no API access needed
+            uses_js = True  # a publish waits for its ack on the inbox; looking the stream up is harmless
+            grants.add(pub=[f"$JS.API.STREAM.INFO.{stream_of(cls)}"])
     for name, bucket in (BUCKETS if buckets is None else buckets).items():
         stream = bucket.stream(name)
         writes, own_key = _allowed(bucket.writers, role)

@@ -119,7 +119,8 @@ def test_pub_sub_declarations_follow_the_table() -> None:
     table = {cls.spec.type: (cls.spec.pub, cls.spec.sub, cls.spec.signed) for cls in EVENT_TYPES}
     agents, own = ("gpu-agent", "device"), ("gpu-agent:self", "device:self")
     assert table == {
-        "agents.heartbeat": (own, ("scheduler", "observer"), False),
+        "agents.heartbeat": (("scheduler:self", "gpu-agent:self", "device:self", "aggregator:self", "observer:self",
+                              "gateway:self", "replica:self"), ("scheduler", "observer"), False),
         "jobs.submit": ((), ("scheduler",), False),  # signed by the submitter, checked by the scheduler
         "jobs.cancel": ((), ("scheduler",), False),
         "jobs.offer": (("scheduler",), own, False),
