@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbus.bus.catalogue_cli import load_events
+from fedbus.bus.access_doc import project_events
 from fedbus.bus.permissions import TABLE_BEGIN, TABLE_END, access_table, grants_for, splice_table
 from fedbus.bus.roles import Role
 
@@ -16,17 +16,17 @@ ADMIN_ONLY = {"bus.record"}
 def test_security_doc_carries_the_current_table() -> None:
     doc = DOC.read_text()
     assert TABLE_BEGIN in doc and TABLE_END in doc
-    expected = splice_table(doc, access_table(load_events()))
+    expected = splice_table(doc, access_table(project_events()))
     assert doc == expected, "docs/security.md is stale: python -m fedbus.bus.access_doc docs/security.md"
 
 
 def test_every_event_type_says_who_may_publish_and_read_it() -> None:
-    undeclared = [c.spec.type for c in load_events() if not (c.spec.pub or c.spec.sub)]
+    undeclared = [c.spec.type for c in project_events() if not (c.spec.pub or c.spec.sub)]
     assert sorted(set(undeclared) - ADMIN_ONLY) == []
 
 
 def test_admin_has_no_limits_and_others_have_only_allow_lists() -> None:
-    events = list(load_events())
+    events = list(project_events())
     assert grants_for(Role.ADMIN, "admin", events).publish is None
     for role in Role:
         if role is Role.ADMIN:
@@ -44,7 +44,7 @@ def test_admin_has_no_limits_and_others_have_only_allow_lists() -> None:
 
 
 def test_a_device_is_scoped_to_its_own_id() -> None:
-    grants = grants_for(Role.DEVICE, "phone-7", list(load_events()))
+    grants = grants_for(Role.DEVICE, "phone-7", list(project_events()))
     assert grants.publish is not None and grants.subscribe is not None
     assert "fedbus.edge.status.phone-7" in grants.publish
     assert "fedbus.edge.status.*" not in grants.publish
@@ -55,7 +55,7 @@ def test_a_device_is_scoped_to_its_own_id() -> None:
 
 
 def test_gpu_agent_cannot_award_or_read_other_agents_work() -> None:
-    grants = grants_for(Role.GPU_AGENT, "gpu-1", list(load_events()))
+    grants = grants_for(Role.GPU_AGENT, "gpu-1", list(project_events()))
     assert grants.publish is not None and grants.subscribe is not None
     assert not any(s.startswith("fedbus.jobs.award") or s.startswith("fedbus.jobs.status")
                    or s.startswith("fedbus.jobs.submit") for s in grants.publish)

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,73 +18,20 @@ import pytest
 
 from fedbus.bus.creds import Credentials
 
-FEDBUS = [sys.executable, "-m", "fedbus.bus.cli"]
+from secure_deploy import Deployment
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-job"
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
 
 pytestmark = pytest.mark.slow
 
 
-class Deployment:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FEDBUS_")}
-        self.env.update(FEDBUS_CONTEXT=str(root / "context.json"), HOME=str(root / "home"))
-        self.procs: list[subprocess.Popen[str]] = []
-        up = self.spawn("up", "--json", "--data-dir", str(root / "data"), "--nats-port", "0", "--mqtt-port", "0",
-                        log=None)
-        assert up.stdout is not None
-        self.info = json.loads(up.stdout.readline())
-
-    def spawn(self, *args: str, log: str | None = "x") -> subprocess.Popen[str]:
-        out = subprocess.PIPE if log is None else open(self.root / f"{args[1] if len(args) > 1 else args[0]}.log",
-                                                       "a")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([*FEDBUS, *args], env=self.env, cwd=self.root, stdout=out,
-                                stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True)
-        self.procs.append(proc)
-        return proc
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*FEDBUS, *args], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def issue(self, role: str, ident: str) -> Path:
-        path = self.root / f"{ident}.creds"
-        done = self.run("creds", "issue", role, ident, "--out", str(path))
-        assert done.returncode == 0, done.stderr
-        return path
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d = Deployment(tmp_path_factory.mktemp("secure-launch"))
     try:
-        sched = d.issue("scheduler", "sched-1")
-        gpu = d.issue("gpu-agent", "gpu-1")
-        d.spawn("agent", "scheduler", "--creds", str(sched), "--state-dir", str(d.root / "st-sched"),
-                "--bid-window", "0.3")
-        gpu_agent = d.spawn("agent", "gpu", "--creds", str(gpu), "--state-dir", str(d.root / "st-gpu"),
-                            "--cpus", "2", "--memory-gb", "4", "--disk-gb", "5")
+        d.start_launch()
         shutil.copytree(EXAMPLE, d.root / "hello-job")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and gpu_agent.poll() is None:
-            agents = d.run("agents")
-            if agents.returncode == 0 and "gpu-1" in agents.stdout:
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"the GPU agent never showed up: {(d.root / 'gpu.log').read_text()[-2000:]}")
         yield d
     finally:
         d.close()
