@@ -243,9 +243,16 @@ async def test_gpu_agent_cannot_award_or_write_keys(secure: Secure, admin: nats.
 
 
 async def test_only_admin_writes_identities(secure: Secure) -> None:
+    """Finding 3: the key buckets were writable by any client, so a forged key made a forged report count."""
     async with connect(secure.server.url, source="admin", creds=secure.creds["admin"]) as bus:
-        bucket = await (await open_stores(bus)).key_value(IDENTITIES_BUCKET)
+        stores = await open_stores(bus)
+        bucket = await stores.key_value(IDENTITIES_BUCKET)
         await bucket.put("gpu-1", secure.creds["gpu-1"].identity().encode())
+        await stores.key_value("agent-keys")
+    async with connect(secure.server.url, source="gpu-1", creds=secure.creds["gpu-1"]) as bus:
+        legacy = await (await open_stores(bus)).key_value("agent-keys")
+        with pytest.raises(FedbusError):
+            await legacy.put("sched-1", b"\x00" * 32)
     async with connect(secure.server.url, source="gpu-1", creds=secure.creds["gpu-1"]) as bus:
         bucket = await (await open_stores(bus)).key_value(IDENTITIES_BUCKET)
         assert (await bucket.get("gpu-1")).value == secure.creds["gpu-1"].identity().encode()
