@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -84,6 +85,12 @@ def _scheme_and_host(part: str, *, url: str) -> tuple[str, str]:
     return split.scheme.lower(), split.hostname or ""
 
 
+def _tls_context(creds: Credentials | None) -> ssl.SSLContext:
+    """Trust the deployment's CA from the creds file; without one, the system's CAs (a public broker)."""
+    context = creds.ssl_context() if creds is not None else None
+    return context or ssl.create_default_context()
+
+
 def transport_for(
     url: str | None = None, *, client_id: str | None = None, persistent: bool | None = None,
     creds: Credentials | None = None,
@@ -124,12 +131,9 @@ def transport_for(
     if scheme in _NATS_SCHEMES:
         from .nats_transport import NatsTransport
 
-        if scheme == "tls" and (creds is None or not creds.ca_pem):
-            raise ConfigError("a tls:// server needs a creds file with its CA (--creds or FEDBUS_CREDS)",
-                              key="creds", source=url)
         return NatsTransport(",".join(parts), client_name=client_id,
                              user=creds.user if creds else None, password=creds.password if creds else None,
-                             tls=creds.ssl_context() if creds and scheme == "tls" else None,
+                             tls=_tls_context(creds) if scheme == "tls" else None,
                              inbox_prefix=inbox_prefix(creds.id) if creds else None)
     if len(parts) > 1:
         raise ConfigError(f"only nats:// URLs take a server list, not {scheme}://", key="server", source=url)
@@ -139,13 +143,10 @@ def transport_for(
         except ImportError as exc:
             raise ConfigError(f"the MQTT transport is not available: {exc}", key="server",
                               source=url) from None
-        if scheme == "mqtts" and (creds is None or not creds.ca_pem):
-            raise ConfigError("an mqtts:// server needs a creds file with its CA (--creds or FEDBUS_CREDS)",
-                              key="creds", source=url)
         transport: Transport = MqttTransport(
             parts[0], client_id=client_id, clean_session=not persistent,
             username=creds.user if creds else None, password=creds.password if creds else None,
-            tls_context=creds.ssl_context() if creds and scheme == "mqtts" else None)
+            tls_context=_tls_context(creds) if scheme == "mqtts" else None)
         return transport
     if scheme == "memory":
         name = urlsplit(parts[0]).netloc or "default"

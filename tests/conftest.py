@@ -17,6 +17,12 @@ for _name in ("FEDBUS_CREDS", "FEDBUS_SERVER"):
     os.environ.pop(_name, None)
 
 
+@pytest.fixture(autouse=True)
+def _own_context(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test (and each `fedbus up` it starts) has a context file of its own."""
+    monkeypatch.setenv("FEDBUS_CONTEXT", str(tmp_path_factory.mktemp("ctx") / "context.json"))
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One nats-server (JetStream + MQTT listener) shared by the session's tests."""
