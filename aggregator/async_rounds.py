@@ -66,7 +66,7 @@ class AsyncRounds:
             started_version=agg.state.version,
         )
         started = agg.clock()
-        await agg.bus.publish(
+        await agg.publish(
             RoundStart(
                 run_id=s.run_id,
                 round=rnd,
@@ -114,7 +114,7 @@ class AsyncRounds:
         if agg.evaluate_fn is not None:
             metrics.update(await asyncio.to_thread(agg.evaluate_fn, new_model))
         await agg._new_version(new_model, metrics, round=rnd)
-        await agg.bus.publish(
+        await agg.publish(
             RoundClose(
                 run_id=s.run_id,
                 round=rnd,

@@ -6,8 +6,13 @@ point.
     fedbus fl run examples/fl-digits.yaml --simulate 10               # 10 clients, in-memory broker
     fedbus fl run examples/fl-digits.yaml --simulate 10 --server nats://127.0.0.1:4222   # same, real broker
     fedbus fl run examples/fl-digits.yaml --simulate 10 --server nats://… --resume  # continue that run
-    fedbus agent aggregator examples/fl-digits.yaml --server nats://…  # deployed: the aggregator alone
-    fedbus fl client examples/fl-digits.yaml --index 3 --server nats://…  # deployed: client 3 of 10
+    fedbus agent aggregator examples/fl-digits.yaml --creds aggregator.creds   # deployed: the aggregator alone
+    fedbus fl client examples/fl-digits.yaml --index 3 --creds silo-3.creds   # deployed: partition 3 of 10
+
+On a secure broker (the default of ``fedbus up``) the aggregator logs in with a credential of role
+``aggregator`` (or the admin context) and each client with its own ``fl-client`` credential: the client is
+known by the credential's id, signs everything with its key, and the aggregator accepts only registered
+client identities (:mod:`~fedbus.aggregator.trust`). ``--trust``/``--key`` are for ``--insecure`` brokers.
 
 Commands parse options and render; the work is in :mod:`~fedbus.aggregator.federation` (simulation),
 :mod:`~fedbus.aggregator.server` and :mod:`~fedbus.aggregator.client`. Training needs the ``ml`` extra
@@ -16,7 +21,6 @@ Commands parse options and render; the work is in :mod:`~fedbus.aggregator.feder
 
 from __future__ import annotations
 
-import asyncio
 import json
 import tempfile
 from pathlib import Path
@@ -27,15 +31,20 @@ import numpy as np
 
 from fedbus.bus.cli import server_option
 from fedbus.bus.client import Bus, Security
-from fedbus.bus.connect import transport_for
-from fedbus.bus.console import configure_logging, err, fail, out, run_async
+from fedbus.bus.connect import resolve, transport_for
+from fedbus.bus.console import EXIT_NOPERM, EXIT_USAGE, configure_logging, err, fail, out, run_async
+from fedbus.bus.creds import Credentials
 from fedbus.bus.errors import ConfigError, FedbusError
+from fedbus.bus.roles import Role
 from fedbus.bus.signing import AgentKey, KeyRing
 
 from .config import FlConfig, load_config
-from .federation import STATE_BUCKET, SimulationOptions, client_id, open_object_store, simulate, watch
+from .federation import STATE_BUCKET, SimulationOptions, client_id, identity_clients, open_object_store, simulate
 from .progress import ProgressView, metrics_table
 from .server import Aggregator, RunResult
+from .trust import CLIENT_ROLES
+
+AGGREGATOR_ROLES = frozenset({Role.AGGREGATOR, Role.ADMIN})
 
 __all__ = ["COMMANDS"]
 
@@ -172,46 +181,62 @@ def _serve_aggregator(
     *,
     resume: bool = True,
 ) -> None:
-    """The aggregator alone, for clients running elsewhere; ``resume=False`` refuses an existing run id."""
+    """The aggregator alone, for clients running elsewhere; ``resume=False`` refuses an existing run id.
+
+    With a credential (``--creds``, ``FEDBUS_CREDS`` or the context's) the aggregator logs in as it and
+    trusts only registered client identities (:mod:`fedbus.aggregator.trust`); without one it trusts the
+    ``--trust`` keys, else client keys on first use."""
     s = config.settings
+    url, creds = _login(server)
+    if creds is not None:
+        _require_role(creds, AGGREGATOR_ROLES, "the aggregator")
+        if trust is not None:
+            fail("--trust is for a broker without credentials: with --creds, clients are who the authority "
+                 "says they are", EXIT_USAGE)
     keyring = KeyRing.load(trust) if trust else KeyRing()
+    source = creds.id if creds is not None else f"aggregator-{s.run_id}"
 
     async def main() -> RunResult:
-        security = Security.STRICT if trust else Security.VERIFY
-        bus = Bus(
-            transport_for(server, client_id=f"aggregator-{s.run_id}"),
-            source=f"aggregator-{s.run_id}",
-            keyring=keyring,
-            security=security,
-        )
+        security = Security.OFF if creds else Security.STRICT if trust else Security.VERIFY
+        bus = Bus(transport_for(url, client_id=source, creds=creds), source=source, keyring=keyring,
+                  security=security)
         async with bus:
-            fallback = state_dir or Path(tempfile.gettempdir()) / "fedbus-fl"
+            fallback = None if creds else state_dir or Path(tempfile.gettempdir()) / "fedbus-fl"
             store = await open_object_store(bus, fallback=fallback)
-            agg = Aggregator(
-                bus,
-                settings=s,
-                strategy=config.build_strategy(config.clients.count),
-                initial_model=initial,
-                store=store,
-                state_store=await open_object_store(bus, fallback=fallback, bucket=STATE_BUCKET),
-                client_config=config.client_config(),
-                secure=config.secure,
-                trust_on_first_use=trust is None,
-                resume=resume,
-            )
-            await agg.refuse_existing()
             with ProgressView(err, s.rounds, title=f"{s.run_id} (aggregator)") as view:
-                watcher = Bus(
-                    transport_for(server, client_id=f"watch-{s.run_id}"), source=f"watch-{s.run_id}"
+                agg = Aggregator(
+                    bus,
+                    settings=s,
+                    strategy=config.build_strategy(config.clients.count),
+                    initial_model=initial,
+                    store=store,
+                    state_store=await open_object_store(bus, fallback=fallback, bucket=STATE_BUCKET),
+                    client_config=config.client_config(),
+                    secure=config.secure,
+                    trust_on_first_use=creds is None and trust is None,
+                    clients=await identity_clients(bus) if creds else None,
+                    on_event=view,
+                    resume=resume,
                 )
-                async with watcher, asyncio.TaskGroup() as tg:
-                    ready = asyncio.Event()
-                    tg.create_task(watch(watcher, s.run_id, view, ready=ready))
-                    await ready.wait()
-                    return await agg.run()
+                await agg.refuse_existing()
+                return await agg.run()
 
     result = run_async(main)
     _report(result, as_json=as_json, onnx=None, federation=None)
+
+
+def _login(server: str | None) -> tuple[str, Credentials | None]:
+    """The broker URL and the credential (``--creds``, ``FEDBUS_CREDS`` or the context's) a command uses."""
+    try:
+        return resolve(server)
+    except FedbusError as exc:
+        fail(exc)
+
+
+def _require_role(creds: Credentials, roles: frozenset[Role], what: str) -> None:
+    if creds.role not in roles:
+        fail(f"{what} needs a credential of role {' or '.join(sorted(roles))}; {creds.id!r} is a {creds.role} "
+             f"(fedbus creds issue {sorted(roles)[-1]} ID --out FILE, then --creds FILE)", EXIT_NOPERM)
 
 
 @fl.command("client")
@@ -225,7 +250,7 @@ def _serve_aggregator(
     "key_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Ed25519 key to sign updates with (created if missing).",
+    help="Ed25519 key to sign updates with (created if missing); without credentials only.",
 )
 @click.option("--log-level", default=None)
 @server_option
@@ -237,7 +262,8 @@ def client_cmd(
     log_level: str | None,
     server: str,
 ) -> None:
-    """Run one client of the federation in CONFIG_PATH (a silo, or a client job launched by the scheduler)."""
+    """Run one client of the federation in CONFIG_PATH (a silo, or a client job launched by the scheduler) on
+    data partition --index. With --creds the client's id is the credential's (role fl-client)."""
     configure_logging(log_level)
     try:
         config = load_config(config_path)
@@ -246,15 +272,27 @@ def client_cmd(
     n = clients or config.clients.count
     if index >= n:
         fail(ConfigError(f"index {index} is not below the {n} partitions", key="--index"))
+    url, creds = _login(server)
+    if creds is not None:
+        _require_role(creds, CLIENT_ROLES, "an FL client")
+        if key_path is not None:
+            fail("--key is for a broker without credentials: the creds file holds the signing key", EXIT_USAGE)
     federation = _prepare(config, n)
     s = config.settings
-    key = AgentKey.load_or_create(key_path) if key_path else AgentKey.generate()
     from .client import FlClient
 
     async def main() -> None:
-        bus = Bus(transport_for(server, client_id=client_id(index)), source=client_id(index), key=key)
+        if creds is not None:  # known by its credential id, everything signed with the credential's key
+            cid = creds.id
+            bus = Bus(transport_for(url, client_id=cid, creds=creds), source=cid, key=creds.signing_key,
+                      sign_all=True)
+        else:
+            cid = client_id(index)
+            key = AgentKey.load_or_create(key_path) if key_path else AgentKey.generate()
+            bus = Bus(transport_for(url, client_id=cid), source=cid, key=key)
         async with bus:
-            store = await open_object_store(bus, fallback=Path(tempfile.gettempdir()) / "fedbus-fl")
+            fallback = None if creds else Path(tempfile.gettempdir()) / "fedbus-fl"
+            store = await open_object_store(bus, fallback=fallback)
             stats = await FlClient(
                 bus,
                 federation.trainers[index],
@@ -263,9 +301,7 @@ def client_cmd(
                 store=store,
                 inline_limit=s.inline_limit,
             ).run()
-            err.print(
-                f"{client_id(index)}: {stats.status}, {stats.fits} fits, {stats.evaluations} evaluations"
-            )
+            err.print(f"{cid}: {stats.status}, {stats.fits} fits, {stats.evaluations} evaluations")
 
     run_async(main)
 
@@ -287,7 +323,7 @@ def agent() -> None:
     "--trust",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Trusted client keys (JSON); updates must then be signed by one of them.",
+    help="Trusted client keys (JSON); updates must then be signed by one of them. Without credentials only.",
 )
 @click.option(
     "--initial-model",

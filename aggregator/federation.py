@@ -3,6 +3,12 @@ connection, over an in-memory broker or a real one. This is ``fedbus fl run --si
 exactly the deployed ones (:class:`~fedbus.aggregator.server.Aggregator`,
 :class:`~fedbus.aggregator.client.FlClient`),
 only their transports share a process, so simulation and deployment never diverge.
+
+On a secure broker each agent may log in with its own credential (:class:`SimulationOptions`
+``aggregator_creds``/``client_creds``): each client is then known by its credential id and signs everything
+with its key, and the aggregator checks client events against the identities registry
+(:mod:`fedbus.aggregator.trust`), exactly as a deployment does. Without per-client credentials the process
+holds every client key, and the aggregator trusts exactly those.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,8 @@ import structlog
 
 from fedbus.bus.client import Bus, Security
 from fedbus.bus.connect import transport_for
-from fedbus.bus.errors import BusError
+from fedbus.bus.creds import IDENTITIES_BUCKET, Credentials
+from fedbus.bus.errors import BusError, ConfigError
 from fedbus.bus.events import Event
 from fedbus.bus.memory import MemoryBroker, MemoryTransport
 from fedbus.bus.signing import AgentKey, KeyRing
@@ -35,13 +42,20 @@ from .events import GlobalModel, RoundClose, RunFinished
 from .filestore import FileObjectStore
 from .inbox import Inbox
 from .server import Aggregator, RunResult
+from .trust import IdentityClients
 
-__all__ = ["STATE_BUCKET", "SimulationOptions", "client_id", "open_object_store", "simulate", "watch"]
+__all__ = [
+    "STATE_BUCKET", "WATCHED", "SimulationOptions", "client_id", "identity_clients", "open_object_store", "simulate",
+    "watch",
+]
 
 STATE_BUCKET = "fl-state"
 """The aggregator's own object bucket: checkpoints, which name the sampled clients (``fl`` is every client's)."""
 
 log = structlog.get_logger("fedbus.aggregator.federation")
+
+WATCHED: tuple[type[Event], ...] = (RoundClose, GlobalModel, RunFinished)
+"""What a run's progress is told by: round closes, global models and the final event."""
 
 
 def client_id(index: int) -> str:
@@ -64,18 +78,36 @@ class SimulationOptions:
     resume: bool = True
     """Continue a run whose id already has state; ``False`` refuses it (:class:`RunExists`) before any
     client starts."""
+    aggregator_creds: Credentials | None = None
+    """The aggregator's credential (role ``aggregator`` or ``admin``); default: ``FEDBUS_CREDS`` or the
+    context's, as for any client."""
+    client_creds: Sequence[Credentials] = ()
+    """One credential per client (role ``fl-client``): client ``i`` is known by ``client_creds[i].id``, signs
+    everything with its key and opens the ``fl`` bucket on its own connection; the aggregator then trusts
+    only registered client identities. Needs ``server``."""
 
 
-async def open_object_store(bus: Bus, *, fallback: Path, bucket: str = "fl") -> ObjectStore:
-    """The broker's object store for ``bus`` (JetStream, or the in-memory one), else a local directory."""
+async def open_object_store(bus: Bus, *, fallback: Path | None, bucket: str = "fl") -> ObjectStore:
+    """The broker's object store ``bucket`` for ``bus`` (JetStream, or the in-memory one), else a local
+    directory under ``fallback``; with ``fallback=None`` (a secure broker, where a missing bucket means a
+    missing grant, not a broker without JetStream) the broker's error is raised."""
     try:
         from fedbus.bus.stores import open_stores
 
         stores = await open_stores(bus)
         return await stores.object_store(bucket)
     except (ImportError, BusError) as exc:
+        if fallback is None:
+            raise
         log.info("no broker object store; using a local directory", reason=str(exc), path=str(fallback))
         return FileObjectStore(fallback, bucket)
+
+
+async def identity_clients(bus: Bus) -> IdentityClients:
+    """The secure mode's check of client events, reading the identities registry with ``bus``."""
+    from fedbus.bus.stores import open_stores
+
+    return IdentityClients(await (await open_stores(bus)).key_value(IDENTITIES_BUCKET))
 
 
 async def watch(
@@ -107,37 +139,55 @@ async def simulate(
     evaluate_fn: Callable[[npt.NDArray[np.float32]], Any] | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunResult:
-    """Run the federation described by ``config``, one client per trainer; returns the aggregator's result."""
+    """Run the federation described by ``config``, one client per trainer; returns the aggregator's result.
+    ``on_event`` sees every :data:`WATCHED` event the aggregator publishes, as it publishes it."""
     opts = options or SimulationOptions()
     s = config.settings
+    secure = bool(opts.client_creds)
+    if secure and len(opts.client_creds) != len(trainers):
+        raise ConfigError(f"{len(opts.client_creds)} client credentials for {len(trainers)} clients",
+                          key="client_creds")
+    if secure and opts.server is None:
+        raise ConfigError("client credentials need a broker: set server", key="server")
     broker = MemoryBroker() if opts.server is None else None
 
-    def transport(agent: str) -> Transport:
+    def transport(agent: str, creds: Credentials | None = None) -> Transport:
         if broker is not None:
             return MemoryTransport(broker, client_id=agent)
-        return transport_for(opts.server, client_id=agent)
+        return transport_for(opts.server, client_id=agent, creds=creds)
 
-    keys = [AgentKey.generate() for _ in trainers]
-    keyring = KeyRing({k.kid: k.public_raw for k in keys})
+    if secure:
+        ids = [c.id for c in opts.client_creds]
+        keys = [c.signing_key for c in opts.client_creds]
+    else:
+        ids = [client_id(i) for i in range(len(trainers))]
+        keys = [AgentKey.generate() for _ in trainers]
+    agg_creds = opts.aggregator_creds
+    tap = None if on_event is None else _watched(on_event)
     with contextlib.ExitStack() as stack:
         state_dir = opts.state_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="fedbus-fl-"))
         )
         async with contextlib.AsyncExitStack() as buses:
+            agg_id = agg_creds.id if agg_creds is not None else "aggregator"
             agg_bus = await buses.enter_async_context(
-                Bus(transport("aggregator"), source="aggregator", keyring=keyring, security=opts.security)
+                Bus(transport(agg_id, agg_creds), source=agg_id, security=Security.OFF)
+                if secure  # the aggregator checks every client event against the registry itself
+                else Bus(transport(agg_id, agg_creds), source=agg_id,
+                         keyring=KeyRing({k.kid: k.public_raw for k in keys}), security=opts.security)
             )
-            store = await open_object_store(agg_bus, fallback=state_dir)
-            state_store = await open_object_store(agg_bus, fallback=state_dir, bucket=STATE_BUCKET)
+            fallback = None if secure else state_dir
+            store = await open_object_store(agg_bus, fallback=fallback)
+            state_store = await open_object_store(agg_bus, fallback=fallback, bucket=STATE_BUCKET)
+            creds: Sequence[Credentials | None] = opts.client_creds or [None] * len(trainers)
             client_buses = [
                 await buses.enter_async_context(
-                    Bus(transport(client_id(i)), source=client_id(i), key=keys[i])
+                    Bus(transport(cid, c), source=cid, key=key, sign_all=secure)
                 )
-                for i in range(len(trainers))
+                for cid, key, c in zip(ids, keys, creds, strict=True)
             ]
-            watcher_bus = None
-            if on_event is not None:
-                watcher_bus = await buses.enter_async_context(Bus(transport("fl-watch"), source="fl-watch"))
+            # Secure: each client reads and writes the `fl` bucket with its own grants.
+            client_stores = [await open_object_store(b, fallback=None) for b in client_buses] if secure else None
             aggregator = Aggregator(
                 agg_bus,
                 settings=s,
@@ -148,6 +198,8 @@ async def simulate(
                 client_config=config.client_config(),
                 secure=config.secure,
                 evaluate_fn=evaluate_fn,
+                clients=await identity_clients(agg_bus) if secure else None,
+                on_event=tap,
                 resume=opts.resume,
             )
             await aggregator.refuse_existing()  # before any client joins someone else's run
@@ -157,7 +209,7 @@ async def simulate(
                     t,
                     run_id=s.run_id,
                     heartbeat_s=s.heartbeat_s,
-                    store=store,
+                    store=client_stores[i] if client_stores is not None else store,
                     inline_limit=s.inline_limit,
                     faults=opts.faults.get(i),
                 )
@@ -165,10 +217,6 @@ async def simulate(
             ]
             try:
                 async with asyncio.TaskGroup() as tg:
-                    if watcher_bus is not None and on_event is not None:
-                        ready = asyncio.Event()
-                        tg.create_task(watch(watcher_bus, s.run_id, on_event, ready=ready), name="watch")
-                        await ready.wait()
                     for c in clients:
                         tg.create_task(c.run(), name=f"client:{c.client_id}")
                     result = await aggregator.run()
@@ -179,6 +227,14 @@ async def simulate(
                     raise first from None
                 raise
             return result
+
+
+def _watched(on_event: Callable[[Event], None]) -> Callable[[Event], None]:
+    def tap(event: Event) -> None:
+        if isinstance(event, WATCHED):
+            on_event(event)
+
+    return tap
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -100,7 +100,7 @@ class SecureRound:
         try:
             await self._advertise()
             total = self.server.close_roster()
-            await agg.bus.publish(
+            await agg.publish(
                 SecAggRoster(
                     run_id=s.run_id,
                     round=self.round,
@@ -121,7 +121,7 @@ class SecureRound:
             mean_delta, survivors = self.server.unmask()
         except SecAggError as exc:
             self.log.warning("secure round failed", error=str(exc))
-            await agg.bus.publish(
+            await agg.publish(
                 RoundClose(
                     run_id=s.run_id,
                     round=self.round,
@@ -148,7 +148,7 @@ class SecureRound:
             "secagg_revealers": len(self.server.revealers),
         }
         await agg._new_version(new_model, metrics, round=self.round)
-        await agg.bus.publish(
+        await agg.publish(
             RoundClose(
                 run_id=s.run_id,
                 round=self.round,
@@ -199,7 +199,7 @@ class SecureRound:
 
         await self._stage(set(self.server.roster), handle)
         for client in sorted(self.server.shared):
-            await self.agg.bus.publish(
+            await self.agg.publish(
                 SecAggInbox(
                     client_id=client,
                     run_id=self.agg.settings.run_id,
@@ -239,7 +239,7 @@ class SecureRound:
                 round=self.round,
                 stage="mask",
             )
-        await self.agg.bus.publish(
+        await self.agg.publish(
             SecAggUnmask(
                 run_id=self.agg.settings.run_id,
                 round=self.round,

@@ -11,9 +11,10 @@ Each round it samples live clients, publishes :class:`RoundStart` (for everyone,
 closes on all-answered / ``min_clients`` / deadline, stores and publishes the new global model. Vanished
 clients are noticed by their missing heartbeats, so no round waits on the dead. State is checkpointed (see
 :mod:`fedbus.aggregator.state`): a restarted aggregator resumes the run where it stopped; one started with
-``resume=False`` refuses a run id that already has state. Synchronous rounds live in
-:mod:`fedbus.aggregator.sync_rounds`, secure ones in :mod:`fedbus.aggregator.secure_round`, the asynchronous
-(FedBuff) mode in :mod:`fedbus.aggregator.async_rounds`.
+``resume=False`` refuses a run id that already has state. On a secure broker (``clients``, see
+:mod:`fedbus.aggregator.trust`) a client event counts only from a registered client identity, signed by its
+own key. Synchronous rounds live in :mod:`fedbus.aggregator.sync_rounds`, secure ones in
+:mod:`fedbus.aggregator.secure_round`, the asynchronous (FedBuff) mode in :mod:`fedbus.aggregator.async_rounds`.
 
 With central DP (``strategy.dp``) the run is *private*: the sample is a secret Poisson sample, and nothing
 published names or counts the clients of a round (no refusals, empty lists and no client counts or client
@@ -33,7 +34,7 @@ import numpy.typing as npt
 import structlog
 
 from fedbus.bus.client import Bus, Delivery
-from fedbus.bus.events import Params
+from fedbus.bus.events import Event, Params
 from fedbus.bus.signing import key_id
 from fedbus.bus.stores import ObjectStore
 
@@ -65,6 +66,7 @@ from .round import Verdict
 from .state import RunState, StateStore
 from .strategies import Strategy
 from .sync_rounds import SyncRounds
+from .trust import IdentityClients
 
 __all__ = ["Aggregator", "RunResult"]
 
@@ -100,6 +102,8 @@ class Aggregator:
         secure: SecureSpec | None = None,
         evaluate_fn: Callable[[Vector], Params] | None = None,
         trust_on_first_use: bool = False,
+        clients: IdentityClients | None = None,
+        on_event: Callable[[Event], None] | None = None,
         resume: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -115,6 +119,10 @@ class Aggregator:
         self.secure = secure
         self.evaluate_fn = evaluate_fn
         self.trust_on_first_use = trust_on_first_use
+        self.clients = clients
+        """Secure mode: client events count only from registered identities, signed by their keys."""
+        self.on_event = on_event
+        """Called with every event this aggregator publishes (a progress view), after it is sent."""
         self.clock = clock
         self.registry = Registry(timeout=settings.heartbeat_timeout_s)
         self.accountant = RdpAccountant() if strategy.dp is not None else None
@@ -123,6 +131,8 @@ class Aggregator:
         self.state = RunState(run_id=settings.run_id)
         self.log = log.bind(run_id=settings.run_id, agent=bus.source)
         self.refused = 0
+        self.untrusted = 0
+        """Client events dropped by :attr:`clients` (unregistered, unsigned, signed by another key...)."""
         self._inbox: Inbox | None = None
         self._last_checkpoint = 0.0
         self._listening_until = 0.0
@@ -148,7 +158,7 @@ class Aggregator:
                         await SyncRounds(self).run()
             except FlError as exc:
                 self.log.error("federation failed", error=str(exc))
-                await self.bus.publish(
+                await self.publish(
                     RunFinished(
                         run_id=self.settings.run_id,
                         status="failed",
@@ -159,7 +169,7 @@ class Aggregator:
                 )
                 raise
             ref = self._model_ref()
-            await self.bus.publish(
+            await self.publish(
                 RunFinished(
                     run_id=self.settings.run_id,
                     status="ok",
@@ -176,6 +186,12 @@ class Aggregator:
         return RunResult(
             "ok", self.model, self.state.version, self.state.round - 1, list(self.state.history), epsilon
         )
+
+    async def publish(self, event: Event) -> None:
+        """Publish ``event`` and show it to :attr:`on_event`."""
+        await self.bus.publish(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     def _last_metrics(self) -> Params:
         return dict(self.state.history[-1]) if self.state.history else {}
@@ -238,7 +254,7 @@ class Aggregator:
         metrics = {"round": round, "version": self.state.version, **metrics}
         self.state.model_object = await self.states.save_model(self.state.version, model, metrics)
         self.state.model_sha256 = blobs.sha256_of(model)
-        await self.bus.publish(
+        await self.publish(
             GlobalModel(
                 run_id=self.settings.run_id,
                 version=self.state.version,
@@ -258,6 +274,11 @@ class Aggregator:
         until = min(wake_at, expiry + 1e-3) if expiry is not None else wake_at
         delivery = await self._inbox.next(max(until - now, 0.0))
         if delivery is None:
+            return None
+        if self.clients is not None and (why := await self.clients.check(delivery)) is not None:
+            self.untrusted += 1
+            self.log.warning("client event refused", reason=why, source=delivery.source[:64],
+                             type=delivery.envelope.type)
             return None
         match delivery.event:
             case ClientJoin(client_id=cid, num_examples=n, public_key=key) if self._genuine(delivery, cid):
@@ -316,9 +337,9 @@ class Aggregator:
     async def announce(self, start: RoundStart, invited: list[str]) -> None:
         """Open a round: ``start`` for everyone (with the invitation count unless private), then an
         invitation on each invited client's own subject, which only that client may read."""
-        await self.bus.publish(msgspec.structs.replace(start, invited=None if self.private else len(invited)))
+        await self.publish(msgspec.structs.replace(start, invited=None if self.private else len(invited)))
         for cid in sorted(invited):
-            await self.bus.publish(
+            await self.publish(
                 RoundInvite(
                     client_id=cid,
                     run_id=start.run_id,
@@ -334,7 +355,7 @@ class Aggregator:
         self.log.warning("update refused", round=round, client=client_id, reason=reason, detail=detail)
         if self.private:
             return  # a public refusal would say who was sampled
-        await self.bus.publish(
+        await self.publish(
             UpdateRefused(
                 run_id=self.settings.run_id, round=round, client_id=client_id, reason=reason, detail=detail
             )

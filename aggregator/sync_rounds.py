@@ -59,7 +59,7 @@ class SyncRounds:
             agg.state.progress = None
             await agg.states.store.put_bytes(f"{agg.states.model_name(agg.state.version)}.json", _json(metrics))
             await agg._checkpoint(force=True)
-            await agg.bus.publish(
+            await agg.publish(
                 RoundClose(
                     run_id=s.run_id,
                     round=rnd,
@@ -162,7 +162,7 @@ class SyncRounds:
                 dropped=len(fit.dropped),
             )
             agg.state.progress = None
-            await agg.bus.publish(
+            await agg.publish(
                 RoundClose(
                     run_id=s.run_id,
                     round=rnd,
@@ -194,7 +194,7 @@ class SyncRounds:
         metrics: Params = {} if agg.private else {**fit.summary(), **counts}
         await agg._new_version(new_model, metrics, round=rnd)
         public = not agg.private
-        await agg.bus.publish(
+        await agg.publish(
             RoundClose(
                 run_id=s.run_id,
                 round=rnd,
@@ -274,7 +274,7 @@ class SyncRounds:
                     await agg.stray(delivery)
         metrics = ev.summary()
         public = not agg.private
-        await agg.bus.publish(
+        await agg.publish(
             RoundClose(
                 run_id=s.run_id,
                 round=rnd,
