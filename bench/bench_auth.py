@@ -165,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--uvloop", action="store_true", help="Run on uvloop (its TLS is not asyncio's).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedbus-bench-auth-") as tmp:
         authority = Authority(Path(tmp) / "secure")
@@ -174,7 +175,12 @@ def main() -> None:
             pub, sub = authority.issue("scheduler", "bench-sched"), authority.issue("observer", "bench-obs")
             authority.apply()
             modes = [Mode("insecure", open_server.url, None, None), Mode("secure", secure_server.url, pub, sub)]
-            asyncio.run(run(modes, args.messages, args.rounds))
+            if args.uvloop:
+                import uvloop  # noqa: PLC0415 - optional
+
+                uvloop.run(run(modes, args.messages, args.rounds))
+            else:
+                asyncio.run(run(modes, args.messages, args.rounds))
 
 
 if __name__ == "__main__":

@@ -304,3 +304,19 @@ async def test_revoked_credential_stops_working_within_seconds(secure: Secure) -
         async with connect(secure.server.url, source="gpu-doomed", creds=creds):
             pass
     assert info.value.refused
+
+
+async def test_an_expired_credential_stops_working(secure: Secure) -> None:
+    creds = secure.authority.issue("gpu-agent", "gpu-brief", expires_s=1.0)
+    assert secure.authority.apply()
+    nc = await nats.connect(secure.server.url, user=creds.user, password=creds.password, tls=creds.ssl_context(),
+                            allow_reconnect=False, connect_timeout=3)
+    await nc.close()
+    while not creds.expired():
+        await asyncio.sleep(0.05)
+    assert secure.authority.apply()  # what `fedbus up` does every few seconds
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(secure.server.url, user=creds.user, password=creds.password, tls=creds.ssl_context(),
+                           allow_reconnect=False, connect_timeout=3)
+    listed = {e.id: e for e in secure.authority.list()}
+    assert not listed["gpu-brief"].active
