@@ -1,13 +1,16 @@
 """The federated-learning stage of ``make demo``: a short FedAvg run on the bundled digits against a given
-broker, with a progress bar. Add :func:`stage` to :data:`fedbus.bus.demo.STAGES`, or call
-:func:`demo_stage`."""
+broker, with a progress bar. Registered under the ``fedbus.demo`` entry point group (:data:`STAGES`); on the
+demo's secure broker the aggregator and each client log in with credentials issued for their roles."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+from fedbus.bus.creds import Credentials
 
 from .config import parse_config
 from .federation import SimulationOptions, simulate
@@ -20,9 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "demo_stage", "stage"]
 
 
-async def demo_stage(url: str, console: Console, *, clients: int = 5, rounds: int = 5) -> RunResult:
+async def demo_stage(url: str, console: Console, *, clients: int = 5, rounds: int = 5,
+                     aggregator_creds: Credentials | None = None,
+                     client_creds: Sequence[Credentials] = ()) -> RunResult:
     """Run ``clients`` digits clients and an aggregator (FedAvg, Dirichlet α = 0.5) for ``rounds`` rounds on
-    the broker at ``url``; returns the aggregator's result. Needs the ``ml`` extra (torch)."""
+    the broker at ``url``; returns the aggregator's result. With ``client_creds`` (one per client) each agent
+    logs in as its own credential. Needs the ``ml`` extra (torch)."""
     import torch
 
     from fedbus.trainer.setup import prepare
@@ -51,15 +57,18 @@ async def demo_stage(url: str, console: Console, *, clients: int = 5, rounds: in
             config,
             federation.trainers,
             federation.initial,
-            options=SimulationOptions(server=url),
+            options=SimulationOptions(server=url, aggregator_creds=aggregator_creds, client_creds=client_creds),
             evaluate_fn=federation.evaluate,
             on_event=view,
         )
 
 
 async def stage(ctx: DemoContext) -> None:
-    """``make demo`` stage: a federation over the demo's broker."""
-    result = await demo_stage(ctx.url, ctx.console)
+    """``make demo`` stage: a federation over the demo's broker, every agent with its own credential."""
+    clients = 5
+    aggregator, *silos = await ctx.creds(("aggregator", "aggregator"),
+                                         *(("fl-client", f"silo-{i}") for i in range(1, clients + 1)))
+    result = await demo_stage(ctx.url, ctx.console, clients=clients, aggregator_creds=aggregator, client_creds=silos)
     accuracy = result.history[-1].get("test_accuracy", 0.0) if result.history else 0.0
     ctx.tally["federated rounds"] += result.rounds
     ctx.say(
