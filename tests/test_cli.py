@@ -404,7 +404,7 @@ async def test_demo_runs_and_exits_0() -> None:
     text = out.decode()
     assert proc.returncode == 0, text + err.decode()
     assert "demo finished" in text and "heartbeats seen: 4" in text and "bad events dropped: 3" in text
-    assert "records replayed: 3" in text and "nats://127.0.0.1:" in text
+    assert "records replayed: 3" in text and "tls://127.0.0.1:" in text
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------
