@@ -26,8 +26,8 @@ class Deployment:
         self.info = json.loads(up.stdout.readline())
 
     def spawn(self, *args: str, log: str | None = "x") -> subprocess.Popen[str]:
-        out = subprocess.PIPE if log is None else open(self.root / f"{args[1] if len(args) > 1 else args[0]}.log",
-                                                       "a")  # noqa: SIM115 - owned by the process
+        name = log if log not in (None, "x") else (args[1] if len(args) > 1 else args[0])
+        out = subprocess.PIPE if log is None else open(self.root / f"{name}.log", "a")  # noqa: SIM115 - owned
         proc = subprocess.Popen([*FEDBUS, *args], env=self.env, cwd=self.root, stdout=out,
                                 stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True)
         self.procs.append(proc)

@@ -2,22 +2,26 @@
 
 10,000 frames over MQTT (TLS, the device's own login): garbage, decoder bombs, 2 MiB frames, and schema-valid
 signed envelopes with hostile values — among them a forged "exited 0" report for the running job in the GPU
-agent's name and fake capacity. Meanwhile a job runs on the secure deployment. Afterwards: every daemon is alive,
-the job ended as it really did (exit 3, not the forged 0), a new job still runs, and every stream is within its
-limits.
+agent's name, fake capacity, and joins, updates and evaluations for the running federation. Meanwhile a job and
+an FL run (a real aggregator and two clients, each with its own credential) go on. Afterwards: every daemon is
+alive, the job ended as it really did (exit 3, not the forged 0), the federation finished every round, a new
+job still runs, and every stream is within its limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import ssl
-import time
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
+import yaml
 import nats
 import pytest
 
@@ -29,7 +33,7 @@ from fedbus.bus.roles import Role
 from fedbus.bus.subjects import to_mqtt
 
 from hostile_frames import envelope, garbage, hostile_values
-from secure_deploy import Deployment
+from secure_deploy import FEDBUS, Deployment
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +58,31 @@ def _job(d: Deployment, name: str, command: str) -> Path:
     return folder / "job.yaml"
 
 
+RUN_ID = "hostile-run"
+ROUNDS = 4
+
+
+def _start_federation(d: Deployment) -> list[subprocess.Popen[str]]:
+    """A real aggregator and two FL clients, each logged in with its own credential."""
+    config = d.root / "fl.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_id": RUN_ID, "rounds": ROUNDS, "seed": 0, "model": {"name": "logreg"},
+        "data": {"name": "digits", "partition": "iid"},
+        "clients": {"count": 2, "local_epochs": 1, "batch_size": 16, "lr": 0.1},
+        "round": {"min_clients": 2, "min_available": 2, "heartbeat_s": 0.3, "heartbeat_timeout_s": 5.0,
+                  "evaluate_every": 1, "timeout_s": 90}}))
+    initial = d.root / "initial.npy"
+    np.save(initial, np.zeros(64 * 10 + 10, np.float32))
+    aggregator = d.issue("aggregator", "agg-h")
+    silos = [d.issue("fl-client", f"silo-h{i}") for i in range(2)]
+    common = {"env": d.env, "cwd": d.root, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([*FEDBUS, "agent", "aggregator", str(config), "--creds", str(aggregator),
+                               "--initial-model", str(initial), "--json"], **common)]  # type: ignore[call-overload]
+    procs += [subprocess.Popen([*FEDBUS, "fl", "client", str(config), "--index", str(i), "--creds", str(silo)],
+                               **common) for i, silo in enumerate(silos)]  # type: ignore[call-overload]
+    return procs
+
+
 def _targets(device: str, job_id: str) -> list[str]:
     """Every subject the device may publish, with keys filled in: its own, the victim job's, hostile ones."""
     subjects = []
@@ -63,7 +92,7 @@ def _targets(device: str, job_id: str) -> list[str]:
         if not allowed.startswith("fedbus."):
             continue
         if allowed.endswith(".*"):
-            subjects += [allowed[:-1] + key for key in (job_id, "victim", "x-1")]
+            subjects += [allowed[:-1] + key for key in (job_id, RUN_ID, "victim", "x-1")]
         else:
             subjects.append(allowed)
     return subjects
@@ -98,6 +127,16 @@ async def _flood(creds: Credentials, job_id: str) -> int:
                 "interval_s": 1.0, "capacity": {"gpus": 1000, "free_gpus": 1000, "cpus": 512.0,
                                                 "free_cpus": 512.0, "memory_gb": 4096.0,
                                                 "free_memory_gb": 4096.0}}, source=creds.id)
+        if choice < 0.5 and event_type == "fl.join":  # the attacker joins, or joins in a silo's name
+            return envelope(codec, key, "fl.join", {"run_id": RUN_ID, "client_id": rng.choice([creds.id, "silo-h0"]),
+                            "num_examples": 10**9}, source=rng.choice([creds.id, "silo-h0"]))
+        if choice < 0.5 and event_type == "fl.update":  # a poisoned update in a silo's name, with a huge weight
+            vector = np.full(64 * 10 + 10, 1e30, np.float32).tobytes()
+            return envelope(codec, key, "fl.update", {
+                "run_id": RUN_ID, "round": rng.randint(1, ROUNDS), "client_id": rng.choice(["silo-h0", creds.id]),
+                "base_version": rng.randint(0, ROUNDS), "num_examples": 10**9,
+                "update": {"sha256": hashlib.sha256(vector).hexdigest(), "length": 650, "inline": vector}},
+                source=rng.choice(["silo-h0", creds.id]))
         return envelope(codec, key, event_type, hostile_values(rng), source=creds.id)
 
     async with aiomqtt.Client(host, int(port), tls_context=ctx, identifier=f"{creds.id}-flood",
@@ -127,18 +166,27 @@ async def _streams(d: Deployment) -> list[dict[str, int]]:
 def test_a_device_flood_stops_nothing(deployment: Deployment) -> None:
     d = deployment
     device = Credentials.load(d.issue("device", "phone-evil"))
-    victim = d.spawn("launch", str(_job(d, "victim", "sleep 6; exit 3")), "--follow", "--timeout", "150")
-    # The job id is printed once the submit is stored; read it from `fedbus jobs`.
-    job_id = ""
-    deadline = time.monotonic() + 30
-    while not job_id and time.monotonic() < deadline:
-        listing = d.run("jobs")
-        job_id = next((w for line in listing.stdout.splitlines() for w in line.split() if w.startswith("victim-")),
-                      "")
-        time.sleep(0.2)
-    assert job_id, "the victim job never showed up"
-    sent = asyncio.run(_flood(device, job_id))
-    assert sent == FRAMES
+    job_id = "victim-1"
+    victim = d.spawn("launch", str(_job(d, "victim", "sleep 6; exit 3")), "--job-id", job_id, "--follow",
+                     "--timeout", "150", log="launch-victim")
+    federation = _start_federation(d)
+    try:
+        sent = asyncio.run(_flood(device, job_id))
+        assert sent == FRAMES
+        out, err = federation[0].communicate(timeout=180)
+        assert federation[0].returncode == 0, err[-3000:]
+        report = json.loads(out[out.index("{"):])
+        assert (report["status"], report["version"]) == ("ok", ROUNDS), report
+        assert [h["clients"] for h in report["history"]] == [2] * ROUNDS  # the attacker joined no round
+        assert report["final"]["eval_accuracy"] > 0.8, report["final"]  # and poisoned none
+        for client in federation[1:]:
+            client.communicate(timeout=60)
+            assert client.returncode == 0
+    finally:
+        for proc in federation:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert victim.wait(180) == 3  # `--follow` exits as the job did: no forged "exited 0" made it succeed
     shown = d.run("job", job_id)
     assert "failed" in shown.stdout and "3" in shown.stdout, shown.stdout
