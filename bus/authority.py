@@ -221,7 +221,7 @@ class Authority:
         log.info("revoked credential", id=ident)
         return revoked
 
-    def list(self) -> list[IssuedCredential]:
+    def credentials(self) -> list[IssuedCredential]:
         return sorted(self._read().values(), key=lambda e: (e.role, e.id))
 
     def identities(self) -> list[Identity]:
@@ -234,7 +234,7 @@ class Authority:
         event type the permissions are generated from (default: all, loaded from the entry points)."""
         events = list(load_events() if events is None else events)
         blocks = []
-        for entry in self.list():
+        for entry in self.credentials():
             if not entry.active:
                 continue
             perms = render_permissions(grants_for(entry.role, entry.id, events))

@@ -212,7 +212,7 @@ class NatsServer:
         """Start the server and wait until it accepts clients (and JetStream is up when standalone)."""
         if self.running:
             return self
-        picked = {"port": self.port, "mqtt_port": self.mqtt_port, "http_port": self.http_port}
+        preferred_port, preferred_mqtt = self.port, self.mqtt_port
         for attempt in range(3):
             self._resolve()
             assert self.data_dir is not None
@@ -234,12 +234,10 @@ class NatsServer:
                     raise
                 # A port that was free when picked was taken before the server bound it: pick again.
                 self._proc = None
-                self.port, self.mqtt_port, self.http_port = (
-                    picked["port"], picked["mqtt_port"], picked["http_port"])
-                self.port = 0 if self.port and not port_is_free(self.port, self.host) else self.port
+                self.port = 0 if preferred_port and not port_is_free(preferred_port, self.host) else preferred_port
+                self.mqtt_port = (0 if preferred_mqtt and not port_is_free(preferred_mqtt, self.host)
+                                  else preferred_mqtt)
                 self.http_port = 0
-                if self.mqtt_port:
-                    self.mqtt_port = 0 if not port_is_free(self.mqtt_port, self.host) else self.mqtt_port
                 self._resolved = False
         for note in self.notes:
             log.info("port substituted", note=note)

@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +22,6 @@ from typing import Any
 import click
 import msgpack
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 

@@ -103,7 +103,7 @@ def list_cmd(as_json: bool, data_dir: Path | None) -> None:
     """The credentials issued, active or not (never their secrets)."""
     authority = _authority(data_dir)
     try:
-        entries = authority.list()
+        entries = authority.credentials()
     except FedbusError as exc:
         fail(exc)
     now = time.time_ns()

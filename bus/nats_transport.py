@@ -148,8 +148,8 @@ class NatsTransport(TransportBase):
                     self._nc = await self._connect_once()
                     self.connected.set()
                     return
-                except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
-                    exc = self._connect_error or exc  # nats-py reports TLS and auth failures to error_cb
+                except (nats.errors.Error, OSError, asyncio.TimeoutError) as failure:
+                    exc = self._connect_error or failure  # nats-py reports TLS and auth failures to error_cb
                     if _refused(exc):
                         raise ConnectError("the broker refused these credentials (authorization violation): "
                                            "check --creds / FEDBUS_CREDS, or whether it was revoked",

@@ -18,7 +18,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import click
 from rich.markup import escape
@@ -178,7 +178,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
             if authority.init(host=host, names=[advertise] if advertise else []):
                 say.print(f"made a CA, a server certificate and the admin credential in "
                           f"{escape(str(authority.dir))}")
-        options = {"host": host, "port": nats_port, "mqtt_port": mqtt_port, "server_name": "fedbus",
+        options: dict[str, Any] = {"host": host, "port": nats_port, "mqtt_port": mqtt_port, "server_name": "fedbus",
                    "die_with_parent": True}
         if size == 1 and authority is not None:
             broker = authority.server(CATALOGUE, **options)

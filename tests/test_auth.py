@@ -294,9 +294,11 @@ async def test_revoked_credential_stops_working_within_seconds(secure: Secure) -
 
     nc = await nats.connect(secure.server.url, user=creds.user, password=creds.password, tls=creds.ssl_context(),
                             inbox_prefix=inbox_prefix("gpu-doomed"), closed_cb=on_closed, allow_reconnect=False)
+    assert nc.is_connected
     secure.authority.revoke("gpu-doomed")
     assert secure.authority.apply()
-    await asyncio.wait_for(closed.wait(), 10)
+    await asyncio.wait_for(closed.wait(), 10)  # the broker closed the revoked user's live connection
+    assert nc.is_closed
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(secure.server.url, user=creds.user, password=creds.password, tls=creds.ssl_context(),
                            allow_reconnect=False, connect_timeout=3)
@@ -318,5 +320,5 @@ async def test_an_expired_credential_stops_working(secure: Secure) -> None:
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(secure.server.url, user=creds.user, password=creds.password, tls=creds.ssl_context(),
                            allow_reconnect=False, connect_timeout=3)
-    listed = {e.id: e for e in secure.authority.list()}
+    listed = {e.id: e for e in secure.authority.credentials()}
     assert not listed["gpu-brief"].active
