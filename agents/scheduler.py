@@ -143,7 +143,9 @@ class SchedulerAgent(Agent):
         input_log = (await open_stores(inputs)).event_log()
         for cls, name in ((JobSubmit, "submit"), (JobCancel, "cancel"), (JobReport, "report")):
             durable = f"{prefix}-{name}"
-            self._consume(input_log.consume(cls, durable=durable, ack_wait=ack_wait), durable)
+            assert self.dead is not None
+            self._consume(input_log.consume(cls, durable=durable, ack_wait=ack_wait,
+                                            on_reject=self.dead.on_reject(durable)), durable)
         self.spawn(self._announce(log), name="announcer")
         self.spawn(self._loop(), name="loop")
         if self.secure:

@@ -20,7 +20,7 @@ from .codec import Envelope
 from .errors import ClosedError
 from .events import Event
 from .limits import stream_of
-from .stores import accept_stored
+from .stores import RejectHook, accept_stored_or_why
 
 if TYPE_CHECKING:
     from ._js_events import JetStreamEventLog
@@ -75,13 +75,15 @@ class JetStreamConsumer(ConsumerBase[_JsDelivery[E]]):
     """A durable pull consumer of one event type. ``async with`` it; ``async for`` or :meth:`next`."""
 
     def __init__(
-        self, log_: JetStreamEventLog, cls: type[E], config: api.ConsumerConfig, *, batch: int
+        self, log_: JetStreamEventLog, cls: type[E], config: api.ConsumerConfig, *, batch: int,
+        on_reject: RejectHook | None = None,
     ) -> None:
         super().__init__()
         self._log = log_
         self._cls = cls
         self._config = config
         self._batch = batch
+        self._on_reject = on_reject
         self._stream = stream_of(cls)
         self._psub: JetStreamContext.PullSubscription | None = None
         self._buffer: deque[Msg] = deque()
@@ -134,9 +136,11 @@ class JetStreamConsumer(ConsumerBase[_JsDelivery[E]]):
                 await asyncio.sleep(0.1)
 
     async def _accept(self, msg: Msg) -> _JsDelivery[E] | None:
-        delivery = accept_stored(self._log.owner.bus, msg.subject, msg.data, self._cls)
-        if delivery is None:
+        delivery = accept_stored_or_why(self._log.owner.bus, msg.subject, msg.data, self._cls)
+        if isinstance(delivery, str):
             self.dropped += 1
+            if self._on_reject is not None:  # kept (a dead letter) before it is acknowledged
+                await self._on_reject(msg.subject, msg.data, delivery, msg.metadata.sequence.stream)
             with mapped(), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
                 await msg.ack()  # acknowledged and dropped: a bad frame never comes back
             return None

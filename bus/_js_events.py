@@ -34,7 +34,7 @@ from .codec import Envelope
 from .errors import ConfigError, NotFound, PublishTimeout, StoreError, TransportError
 from .events import Event
 from .limits import durable_streams, stream_of
-from .stores import ConsumerStats, PublishAck, StoredEvent, StreamStats, patterns_overlap, stored_event
+from .stores import ConsumerStats, PublishAck, RejectHook, StoredEvent, StreamStats, patterns_overlap, stored_event
 
 if TYPE_CHECKING:
     from .jetstream import JetStream
@@ -244,7 +244,7 @@ class JetStreamEventLog(EventLogBase):
     # -- consuming --------------------------------------------------------------------------------------
     def consume(
         self, cls: type[E], *, durable: str, key: str = "*", ack_wait: float = 30.0, max_deliver: int = -1,
-        max_ack_pending: int = 1000, batch: int = 16,
+        max_ack_pending: int = 1000, batch: int = 16, on_reject: RejectHook | None = None,
     ) -> JetStreamConsumer[E]:
         """A durable pull consumer of ``cls`` events; several processes with the same ``durable`` name share
         the work. ``batch`` events are fetched at a time (their leases start when fetched)."""
@@ -255,7 +255,7 @@ class JetStreamEventLog(EventLogBase):
             ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
             max_ack_pending=max_ack_pending, deliver_policy=api.DeliverPolicy.ALL,
         )
-        return JetStreamConsumer(self, cls, config, batch=max(batch, 1))
+        return JetStreamConsumer(self, cls, config, batch=max(batch, 1), on_reject=on_reject)
 
     # -- reading back -----------------------------------------------------------------------------------
     async def replay(

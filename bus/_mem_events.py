@@ -23,7 +23,16 @@ from .codec import Envelope
 from .errors import ClosedError, NotFound
 from .events import Event
 from .limits import LimitExceeded, StreamLimits, durable_streams, stream_of
-from .stores import ConsumerStats, PublishAck, StoredEvent, StreamStats, accept_stored, patterns_overlap, stored_event
+from .stores import (
+    ConsumerStats,
+    PublishAck,
+    RejectHook,
+    StoredEvent,
+    StreamStats,
+    accept_stored_or_why,
+    patterns_overlap,
+    stored_event,
+)
 from .transport import Frame, Subscription
 
 if TYPE_CHECKING:
@@ -268,11 +277,13 @@ class _MemoryDelivery(Generic[E]):
 
 
 class _MemoryConsumer(ConsumerBase[_MemoryDelivery[E]]):
-    def __init__(self, log_: MemoryEventLog, cls: type[E], state_args: dict[str, Any]) -> None:
+    def __init__(self, log_: MemoryEventLog, cls: type[E], state_args: dict[str, Any],
+                 on_reject: RejectHook | None = None) -> None:
         super().__init__()
         self._log = log_
         self._cls = cls
         self._args = state_args
+        self._on_reject = on_reject
         self._state: _ConsumerState | None = None
         self._stream: _Stream | None = None
 
@@ -302,8 +313,10 @@ class _MemoryConsumer(ConsumerBase[_MemoryDelivery[E]]):
             taken = state.take(stream)
             if isinstance(taken, tuple):
                 msg, count = taken
-                delivery = accept_stored(self._log.bus, msg.subject, msg.data, self._cls)
-                if delivery is None:
+                delivery = accept_stored_or_why(self._log.bus, msg.subject, msg.data, self._cls)
+                if isinstance(delivery, str):
+                    if self._on_reject is not None:  # kept (a dead letter) before it is dropped
+                        await self._on_reject(msg.subject, msg.data, delivery, msg.seq)
                     state.leases.pop(msg.seq, None)  # acknowledged and dropped: never poisons the consumer
                     self.dropped += 1
                     continue
@@ -363,14 +376,14 @@ class MemoryEventLog(EventLogBase):
 
     def consume(
         self, cls: type[E], *, durable: str, key: str = "*", ack_wait: float = 30.0, max_deliver: int = -1,
-        max_ack_pending: int = 1000, batch: int = 1,
+        max_ack_pending: int = 1000, batch: int = 1, on_reject: RejectHook | None = None,
     ) -> _MemoryConsumer[E]:
         """A durable consumer; several with the same ``durable`` name share the work. (``batch`` is accepted
         for parity with JetStream; memory deliveries are taken one at a time, leased when taken.)"""
         subjects.validate_token(durable, what="consumer name")
         args = {"name": durable, "pattern": cls.pattern(key), "ack_wait": ack_wait,
                 "max_deliver": max_deliver, "max_ack_pending": max_ack_pending}
-        return _MemoryConsumer(self, cls, args)
+        return _MemoryConsumer(self, cls, args, on_reject)
 
     async def replay(
         self, pattern: str, *, start_seq: int | None = None, start_time_ns: int | None = None

@@ -221,6 +221,13 @@ class Bus:
         ``check_replay=False`` is for events read back from a durable stream: a redelivery or a replay repeats
         an event id on purpose (the stream deduplicates by id); signatures are still verified.
         """
+        delivery = self._accept_or_why(frame, cls, check_replay=check_replay)
+        return None if isinstance(delivery, str) else delivery
+
+    def _accept_or_why(
+        self, frame: Frame, cls: type[Event] | None, *, check_replay: bool = True
+    ) -> Delivery[Any] | str:
+        """Like :meth:`_accept`, but a rejected frame gives the reason (``"<ErrorName>: <message>"``)."""
         env: Envelope | None = None
         try:
             env = self.codec.unpack(frame.data, subject=frame.subject)
@@ -232,7 +239,7 @@ class Bus:
             self.rejected[type(exc).__name__] += 1
             log.warning("event rejected", reason=type(exc).__name__, error=str(exc), subject=frame.subject,
                         source=env.src if env is not None else None, bytes=len(frame.data))
-            return None
+            return f"{type(exc).__name__}: {exc}"
         return Delivery(frame.subject, env, event, frame.reply or env.reply)
 
     def _authenticate(self, env: Envelope, event: Event, *, check_replay: bool = True) -> None:

@@ -39,7 +39,7 @@ from .codec import Codec
 from .errors import FedbusError, NotFound
 from .events import Event, event
 from .roles import Id
-from .stores import AckableDelivery, EventLog, Stores, StoredEvent, stream_name
+from .stores import AckableDelivery, EventLog, RejectHook, Stores, StoredEvent, stream_name
 
 __all__ = ["DEAD_STREAM", "DeadLetter", "DeadLetterLimits", "DeadLetters", "RetryPolicy", "read_dead_letters"]
 
@@ -143,6 +143,35 @@ class DeadLetters:
     async def refuse(self, delivery: AckableDelivery[Any], reason: str, *, consumer: str) -> bool:
         """Dead-letter ``delivery`` at once: it can never succeed. ``True`` once it is set aside."""
         return await self._bury(delivery, reason, consumer=consumer, refused=True)
+
+    def on_reject(self, consumer: str) -> RejectHook:
+        """The hook for :meth:`EventLog.consume`: a stored frame that cannot even be decoded is kept here, with
+        the decoder's reason, before the consumer drops it."""
+
+        async def keep(subject: str, data: bytes, reason: str, seq: int) -> None:
+            await self.undecodable(subject, data, reason, consumer=consumer, seq=seq)
+
+        return keep
+
+    async def undecodable(self, subject: str, data: bytes, reason: str, *, consumer: str, seq: int) -> bool:
+        """Keep a frame that is no valid event (garbage, a bomb, a forged or unsigned envelope). Never raises:
+        the frame is dropped by its consumer either way. ``True`` once it is stored."""
+        size, digest = len(data), hashlib.sha256(data).hexdigest()
+        letter = DeadLetter(
+            agent_id=self.agent_id, consumer=consumer, original_subject=subject[:512], event_type="?",
+            event_id="", source="?", stream_seq=seq, attempts=1, reason=reason[: self.limits.max_reason],
+            refused=True, frame=data if size <= self.limits.max_frame_copy else b"", frame_bytes=size,
+            frame_sha256=digest)
+        try:
+            await self._log.publish(letter)
+        except FedbusError as exc:
+            log.warning("undecodable frame not kept as a dead letter", consumer=consumer, subject=subject[:200],
+                        error=str(exc))
+            return False
+        self.count += 1
+        log.error("undecodable frame set aside as a dead letter", consumer=consumer, subject=subject[:200],
+                  bytes=size, reason=letter.reason)
+        return True
 
     def letter(self, delivery: AckableDelivery[Any], reason: str, *, consumer: str, refused: bool
                ) -> DeadLetter:

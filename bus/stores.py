@@ -28,7 +28,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -499,9 +499,10 @@ class EventLog(Protocol):
 
     def consume(
         self, cls: type[E], *, durable: str, key: str = "*", ack_wait: float = 30.0, max_deliver: int = -1,
-        max_ack_pending: int = 1000, batch: int = 16,
+        max_ack_pending: int = 1000, batch: int = 16, on_reject: RejectHook | None = None,
     ) -> EventConsumer[E]:
         """A named durable consumer of ``cls`` events (optionally one ``key``) that survives restarts.
+        ``on_reject`` is told of every stored frame that cannot become a ``cls`` event (see :data:`RejectHook`).
 
         Consumers sharing a ``durable`` name share the work. ``ack_wait`` is the lease on each delivery,
         ``max_deliver`` bounds deliveries of one event (-1: unbounded), ``max_ack_pending`` bounds leases held
@@ -552,6 +553,16 @@ def accept_stored(bus: Bus, subject: str, data: bytes, cls: type[Event] | None) 
     """Validate a frame read from a stream through the bus (limits, schema, signature; not the replay
     window: redeliveries repeat ids on purpose). ``None`` if rejected, which the bus counted and logged."""
     return bus._accept(Frame(subject, data), cls, check_replay=False)
+
+
+def accept_stored_or_why(bus: Bus, subject: str, data: bytes, cls: type[Event] | None) -> Any:
+    """Like :func:`accept_stored`, but a rejected frame gives the reason, a ``str``."""
+    return bus._accept_or_why(Frame(subject, data), cls, check_replay=False)
+
+
+#: Told about a stored frame a consumer cannot even decode: ``(subject, data, reason, stream_seq)``. It is
+#: acknowledged afterwards either way (it can never succeed); a dead-letter writer keeps it.
+RejectHook = Callable[[str, bytes, str, int], Awaitable[None]]
 
 
 # -- choosing a backend --------------------------------------------------------------------------------

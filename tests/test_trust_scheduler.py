@@ -471,6 +471,10 @@ async def test_hostile_submits_never_stop_scheduling_even_across_a_restart(clust
     log = client.stores.event_log()
     decoys = [d for d in await _letters(log) if d.event_id == decoy.id]
     assert len(decoys) == 1 and decoys[0].refused and "not on its own subject" in decoys[0].reason
+    # Nothing is lost: the frames that could not even be decoded are kept too, with the decoder's reason.
+    kept = {d.frame: d for d in await _letters(log) if d.event_type == "?"}
+    assert b"\x92\xc1 not an envelope" in kept and "MalformedFrame" in kept[b"\x92\xc1 not an envelope"].reason
+    assert codec.pack(traversal) in kept and "job_id" in kept[codec.pack(traversal)].reason
     cluster.procs["scheduler"].send_signal(signal.SIGKILL)
     cluster.procs["scheduler"].wait(10)
     cluster.start_scheduler()
