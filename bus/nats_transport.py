@@ -49,11 +49,13 @@ _ERRORS: dict[type[BaseException], type[Exception]] = {
 
 
 class _NatsSubscription(Subscription):
-    def __init__(self, pattern: str, queue: str | None, max_pending: int) -> None:
+    def __init__(self, pattern: str, queue: str | None, max_pending: int, owner: set[_NatsSubscription]) -> None:
         super().__init__(pattern, queue=queue, max_pending=max_pending)
         self.nats_sub: NatsSubscription | None = None
+        self._owner = owner
 
     async def unsubscribe(self) -> None:
+        self._owner.discard(self)
         nats_sub, self.nats_sub = self.nats_sub, None
         if nats_sub is not None:
             try:
@@ -71,6 +73,9 @@ class _QuietTlsClose(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_QuietTlsClose())
+
+
+_REFUSALS_BEFORE_GIVING_UP = 3
 
 
 def _refused(exc: BaseException) -> bool:
@@ -120,8 +125,14 @@ class NatsTransport(TransportBase):
         self._initial_attempts = initial_attempts
         self._nc: NatsClient | None = None
         self._connect_error: BaseException | None = None
+        self._auth_failures = 0
+        self._closer: asyncio.Task[None] | None = None
+        self.refused = asyncio.Event()
+        """Set when the broker stops accepting these credentials (revoked, expired) after the first connect;
+        :attr:`refusal` says why. The connection is closed then: retrying would never succeed."""
+        self.refusal: ConnectError | None = None
         self._refused_event = asyncio.Event()
-        self._subs: list[_NatsSubscription] = []
+        self._subs: set[_NatsSubscription] = set()
         self._closed = False
         self.reconnects = 0
         self.connected = asyncio.Event()
@@ -205,6 +216,15 @@ class NatsTransport(TransportBase):
         if self._nc is None and (_refused(exc) or isinstance(exc, ssl.SSLError)):
             self._connect_error = exc
             self._refused_event.set()
+        elif self._nc is not None and _refused(exc) and not self.refused.is_set():
+            self._auth_failures += 1
+            if self._auth_failures >= _REFUSALS_BEFORE_GIVING_UP:
+                self.refusal = ConnectError("the broker no longer accepts these credentials (revoked or expired)",
+                                            url=self.url, refused=True)
+                self.refused.set()
+                log.error("credentials refused by the broker; giving up", url=self.url)
+                self._closer = asyncio.get_running_loop().create_task(self._nc.close())
+                return
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("slow consumer", subject=getattr(exc, "subject", None))
         else:
@@ -219,6 +239,7 @@ class NatsTransport(TransportBase):
             log.warning("disconnected; buffering publishes until reconnect", url=self.url)
 
     async def _on_reconnect(self) -> None:
+        self._auth_failures = 0
         self.reconnects += 1
         self.disconnected.clear()
         self.connected.set()
@@ -245,7 +266,7 @@ class NatsTransport(TransportBase):
         subjects.validate_pattern(pattern)
         if queue is not None:
             subjects.validate_token(queue, what="queue group")
-        sub = _NatsSubscription(pattern, queue, max_pending)
+        sub = _NatsSubscription(pattern, queue, max_pending, self._subs)
 
         async def on_msg(msg: Msg) -> None:
             sub.deliver(Frame(msg.subject, msg.data, msg.reply or None))
@@ -256,7 +277,7 @@ class NatsTransport(TransportBase):
             )
             # Once subscribe returns, the server knows the interest: a publish from any client now arrives.
             await self.nc.flush()
-        self._subs.append(sub)
+        self._subs.add(sub)
         return sub
 
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> Frame:
@@ -291,6 +312,6 @@ class NatsTransport(TransportBase):
             finally:
                 if not nc.is_closed:
                     await nc.close()
-        for sub in self._subs:
+        for sub in list(self._subs):
             sub.end()
         self._subs.clear()
