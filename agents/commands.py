@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 from rich.table import Table
 from rich.text import Text
 
@@ -154,7 +155,8 @@ def agent_group() -> None:
 @_with(_common_daemon_options)
 @click.option("--gpus", type=click.IntRange(0, 64), default=None, help="Declare N GPUs instead of detecting.")
 @click.option("--gpu-model", default=None, help="Declared GPU model (e.g. A100).")
-@click.option("--gpu-memory-gb", type=click.FloatRange(min=0), default=None)
+@click.option("--gpu-memory-gb", type=click.FloatRange(min=0), default=None,
+              help="Declared memory per GPU, in GB (with --gpus, or to correct the detected value).")
 @click.option("--cpus", type=click.FloatRange(min=0), default=None, help="Declared CPUs (to share a node).")
 @click.option("--memory-gb", type=click.FloatRange(min=0), default=None, help="Declared memory.")
 @click.option("--disk-gb", type=click.FloatRange(min=0), default=None, help="Declared disk.")
@@ -345,7 +347,8 @@ def _jobs_table(records: list[JobRecord]) -> Table:
 @server_option
 @click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]),
               help="Only jobs in this state (repeatable).")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Show at most this many jobs (the newest).")
 def jobs_cmd(server: str, states: tuple[str, ...], limit: int) -> None:
     """List jobs, newest first."""
     configure_logging()
@@ -422,7 +425,8 @@ def logs_cmd(job_id: str, server: str, follow: bool) -> None:
 @click.command("cancel")
 @click.argument("job_id")
 @server_option
-@click.option("--reason", default="cancelled by user", show_default=True)
+@click.option("--reason", default="cancelled by user", show_default=True,
+              help="Why: kept in the job's history and shown by `fedbus job`.")
 def cancel_cmd(job_id: str, server: str, reason: str) -> None:
     """Cancel a job, whatever its state."""
     configure_logging()
@@ -454,7 +458,8 @@ def _agents_table(beats: list[AgentHeartbeat]) -> Table:
 
 @click.command("agents")
 @server_option
-def agents_cmd(server: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per agent per line (its last heartbeat).")
+def agents_cmd(server: str, as_json: bool) -> None:
     """List live agents and their free capacity."""
     configure_logging()
 
@@ -463,6 +468,10 @@ def agents_cmd(server: str) -> None:
             beats = await client.agents()
         if not beats:
             err.print("no live agents")
+            return
+        if as_json:
+            for hb in beats:
+                click.echo(msgspec.json.encode(hb).decode())
             return
         out.print(_agents_table(beats))
 

@@ -74,7 +74,8 @@ def _nvml() -> list[GpuInfo] | None:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVMLError_* for "no driver": simply no NVML here
+    except Exception as exc:  # noqa: BLE001 - NVMLError_* ("no driver", a broken install): no NVML here
+        log.warning("NVML unavailable; trying nvidia-smi, then torch", error=f"{type(exc).__name__}: {exc}")
         return None
     try:
         gpus = []
@@ -87,6 +88,9 @@ def _nvml() -> list[GpuInfo] | None:
             gpus.append(GpuInfo(i, text, round(memory / _GB, 1),
                                 uuid.decode() if isinstance(uuid, bytes) else str(uuid)))
         return gpus
+    except Exception as exc:  # noqa: BLE001 - a GPU NVML cannot read is reported, and the next probe asked
+        log.warning("NVML failed listing GPUs; trying nvidia-smi, then torch", error=f"{type(exc).__name__}: {exc}")
+        return None
     finally:
         pynvml.nvmlShutdown()
 

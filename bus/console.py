@@ -16,12 +16,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import structlog
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from .errors import AuthError, CodecError, ConfigError, ConnectError, FedbusError, SubjectError
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_NOPERM", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_UNAVAILABLE",
-           "EXIT_USAGE", "configure_logging", "err", "exit_code", "fail", "out", "run_async"]
+           "EXIT_USAGE", "PIPE_WIDTH", "configure_logging", "err", "exit_code", "fail", "out", "run_async"]
 
 T = TypeVar("T")
 
@@ -40,9 +40,28 @@ EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 """Ctrl-C: the command stopped waiting (the work may go on: the message says how to stop it)."""
 
-out = Console(highlight=False, soft_wrap=True)
+PIPE_WIDTH = 200
+"""Columns a table may use when the output is not a terminal (rich would use 80 and cut it); ``COLUMNS`` wins."""
+
+
+class _Console(Console):
+    """A rich console as wide as the terminal, or :data:`PIPE_WIDTH` when piped or redirected."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+out = _Console(highlight=False, soft_wrap=True)
 """Command output (stdout)."""
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 """Status lines, notes and errors (stderr)."""
 
 _USAGE_ERRORS = (ConfigError, SubjectError, CodecError)

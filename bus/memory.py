@@ -50,13 +50,40 @@ class MemoryBroker:
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, broker: MemoryBroker, pattern: str, queue: str | None, max_pending: int) -> None:
+    def __init__(self, broker: MemoryBroker, pattern: str, queue: str | None, max_pending: int,
+                 owner: set[_MemorySubscription]) -> None:
         super().__init__(pattern, queue=queue, max_pending=max_pending)
         self._broker = broker
+        self._owner = owner
 
     async def unsubscribe(self) -> None:
         self._broker.detach(self)
+        self._owner.discard(self)
         self.end()
+
+
+class _ReplyInbox(_MemorySubscription):
+    """One subscription (``<prefix>.*``) for all of a transport's requests: each reply resolves the future of
+    the request whose inbox it names, so a request costs no subscription of its own."""
+
+    def __init__(self, broker: MemoryBroker, prefix: str, owner: set[_MemorySubscription]) -> None:
+        super().__init__(broker, f"{prefix}.*", None, 1, owner)
+        self.prefix = prefix
+        self.waiting: dict[str, asyncio.Future[Frame]] = {}
+
+    def deliver(self, frame: Frame) -> bool:
+        future = self.waiting.pop(frame.subject, None)
+        if future is None or future.done():
+            return False  # a late or second reply: nobody waits for it
+        future.set_result(frame)
+        return True
+
+    def end(self) -> None:
+        super().end()
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(ClosedError(f"subscription {self.pattern!r} is closed"))
 
 
 class MemoryTransport(TransportBase):
@@ -68,8 +95,9 @@ class MemoryTransport(TransportBase):
     def __init__(self, broker: MemoryBroker, *, client_id: str = "memory") -> None:
         self.broker = broker
         self.url = f"memory://{client_id}"
-        self._subs: list[_MemorySubscription] = []
+        self._subs: set[_MemorySubscription] = set()
         self._inbox = itertools.count()
+        self._replies: _ReplyInbox | None = None
         self._connected = False
         self._closed = False
 
@@ -93,25 +121,35 @@ class MemoryTransport(TransportBase):
     ) -> Subscription:
         self._check_open()
         subjects.validate_pattern(pattern)
-        sub = _MemorySubscription(self.broker, pattern, queue, max_pending)
+        sub = _MemorySubscription(self.broker, pattern, queue, max_pending, self._subs)
         self.broker.attach(sub)
-        self._subs.append(sub)
+        self._subs.add(sub)
         return sub
+
+    def _reply_inbox(self) -> _ReplyInbox:
+        if self._replies is None or self._replies.closed:
+            self._replies = _ReplyInbox(self.broker, f"_INBOX.{id(self)}", self._subs)
+            self.broker.attach(self._replies)
+            self._subs.add(self._replies)
+        return self._replies
 
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> Frame:
         self._check_open()
-        inbox = f"_INBOX.{id(self)}.{next(self._inbox)}"
-        sub = await self.subscribe(inbox, max_pending=1)
+        subjects.validate_subject(subject)
+        if not self.broker.interest(subject):
+            raise NoResponders(subject)
+        replies = self._reply_inbox()
+        inbox = f"{replies.prefix}.{next(self._inbox)}"
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        replies.waiting[inbox] = future
         try:
-            if not self.broker.interest(subject):
-                raise NoResponders(subject)
             await self.publish(subject, data, reply=inbox)
             try:
-                return await sub.next(timeout)
+                return await asyncio.wait_for(future, timeout)
             except TimeoutError:
                 raise RequestTimeout(subject, timeout) from None
         finally:
-            await sub.unsubscribe()
+            replies.waiting.pop(inbox, None)
 
     async def flush(self, timeout: float = 5.0) -> None:
         self._check_open()
@@ -120,6 +158,7 @@ class MemoryTransport(TransportBase):
         if self._closed:
             return
         self._closed = True
-        for sub in self._subs:
+        for sub in list(self._subs):
             await sub.unsubscribe()
         self._subs.clear()
+        self._replies = None
