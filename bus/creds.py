@@ -88,7 +88,7 @@ class Credentials:
     id: str
     role: Role
     user: str
-    password: str
+    password: str = field(repr=False)
     signing_seed: bytes = field(repr=False)
     servers: dict[str, str] = field(default_factory=dict)
     ca_pem: str = ""

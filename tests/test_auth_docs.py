@@ -69,3 +69,13 @@ def test_every_bucket_has_both_limits_and_access() -> None:
 
     assert {n for n, b in BUCKETS.items() if b.kind == "kv"} == set(KV_BUCKETS)
     assert {n for n, b in BUCKETS.items() if b.kind == "obj"} == set(OBJECT_BUCKETS)
+
+
+def test_a_credential_never_shows_its_secrets() -> None:
+    import os
+
+    from fedbus.bus.creds import Credentials
+
+    creds = Credentials(id="gpu-1", role=Role.GPU_AGENT, user="gpu-1", password="s3cret-pw", signing_seed=os.urandom(32))
+    shown = repr(creds) + str(creds)
+    assert "s3cret-pw" not in shown and repr(creds.signing_seed) not in shown
