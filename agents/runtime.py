@@ -326,13 +326,28 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
                 installed.append(sig)
+        refusal: FedbusError | None = None
         try:
             async with self:
-                await self._stop.wait()
-                self.log.info("stop requested")
+                refused = getattr(self.bus.transport, "refused", None)  # NatsTransport: credentials revoked
+                waits = {asyncio.ensure_future(self._stop.wait())}
+                if isinstance(refused, asyncio.Event):
+                    waits.add(asyncio.ensure_future(refused.wait()))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
+                if self._stop.is_set():
+                    self.log.info("stop requested")
+                else:
+                    refusal = getattr(self.bus.transport, "refusal", None)
+                    self.log.error("the broker refused this agent's credentials; stopping", error=str(refusal))
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+        if refusal is not None:
+            raise refusal
 
     # -- heartbeats -------------------------------------------------------------------------------------
     def heartbeat(self) -> AgentHeartbeat:

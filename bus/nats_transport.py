@@ -75,6 +75,9 @@ class _QuietTlsClose(logging.Filter):
 logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 
 
+_REFUSALS_BEFORE_GIVING_UP = 3
+
+
 def _refused(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "authorization violation" in text or "authentication" in text
@@ -122,6 +125,12 @@ class NatsTransport(TransportBase):
         self._initial_attempts = initial_attempts
         self._nc: NatsClient | None = None
         self._connect_error: BaseException | None = None
+        self._auth_failures = 0
+        self._closer: asyncio.Task[None] | None = None
+        self.refused = asyncio.Event()
+        """Set when the broker stops accepting these credentials (revoked, expired) after the first connect;
+        :attr:`refusal` says why. The connection is closed then: retrying would never succeed."""
+        self.refusal: ConnectError | None = None
         self._refused_event = asyncio.Event()
         self._subs: set[_NatsSubscription] = set()
         self._closed = False
@@ -207,6 +216,15 @@ class NatsTransport(TransportBase):
         if self._nc is None and (_refused(exc) or isinstance(exc, ssl.SSLError)):
             self._connect_error = exc
             self._refused_event.set()
+        elif self._nc is not None and _refused(exc) and not self.refused.is_set():
+            self._auth_failures += 1
+            if self._auth_failures >= _REFUSALS_BEFORE_GIVING_UP:
+                self.refusal = ConnectError("the broker no longer accepts these credentials (revoked or expired)",
+                                            url=self.url, refused=True)
+                self.refused.set()
+                log.error("credentials refused by the broker; giving up", url=self.url)
+                self._closer = asyncio.get_running_loop().create_task(self._nc.close())
+                return
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("slow consumer", subject=getattr(exc, "subject", None))
         else:
@@ -221,6 +239,7 @@ class NatsTransport(TransportBase):
             log.warning("disconnected; buffering publishes until reconnect", url=self.url)
 
     async def _on_reconnect(self) -> None:
+        self._auth_failures = 0
         self.reconnects += 1
         self.disconnected.clear()
         self.connected.set()

@@ -92,3 +92,22 @@ def test_a_device_credential_cannot_launch_anything(deployment: Deployment) -> N
         shown = deployment.run("job", job)
         assert shown.returncode != 0, shown.stdout
     assert not Path("/tmp/fedbus-pwned").exists()
+
+
+def test_a_revoked_agent_stops_with_exit_77(deployment: Deployment) -> None:
+    """A credential revoked while its agent runs: the broker closes it, and the agent does not retry forever."""
+    creds = deployment.issue("gpu-agent", "gpu-doomed")
+    agent = deployment.spawn("agent", "gpu", "--creds", str(creds), "--state-dir", str(deployment.root / "st-doomed"),
+                             "--cpus", "1", "--memory-gb", "1", "--disk-gb", "1", log="gpu-doomed")
+    deadline = time.monotonic() + 60
+    while agent.poll() is None and time.monotonic() < deadline:
+        if "gpu-doomed" in deployment.run("agents").stdout:
+            break
+        time.sleep(0.3)
+    assert agent.poll() is None, (deployment.root / "gpu-doomed.log").read_text()[-2000:]
+    revoked = deployment.run("creds", "revoke", "gpu-doomed")
+    assert revoked.returncode == 0, revoked.stderr
+    assert agent.wait(60) == 77
+    errors = [line for line in (deployment.root / "gpu-doomed.log").read_text().splitlines()
+              if line.startswith("error:")]
+    assert len(errors) == 1 and "no longer accepts these credentials" in errors[0], errors
