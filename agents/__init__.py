@@ -2,31 +2,40 @@
 
 See ``docs/launch.md``. The import-light pieces (job files, events, the pure scheduling core) can be used
 without starting anything; the daemons are :class:`SchedulerAgent` and :class:`GpuAgent`.
+
+The names below are imported on first use (PEP 562), so that ``import fedbus.agents.events`` (what
+``fedbus tail`` does) does not pull in the daemons and aiohttp.
 """
 
-from .client import LaunchClient
-from .errors import AgentError, JobError, JobSpecError, ResourceError, UnknownJob, WorkspaceError
-from .events import (
-    AgentHeartbeat,
-    Capacity,
-    JobAward,
-    JobBid,
-    JobCancel,
-    JobLog,
-    JobOffer,
-    JobReject,
-    JobReport,
-    JobState,
-    JobStatus,
-    JobStop,
-    JobSubmit,
-)
-from .gpu import GpuAgent, GpuAgentConfig
-from .jobspec import Computing, JobSpec, LoadedJob, load_jobspec, parse_jobspec
-from .placement import BinPack, LowestCost, Policy, Spread, policy_named
-from .runtime import Agent, AgentStatus, RuntimeConfig
-from .scheduler import SchedulerAgent, SchedulerAgentConfig
-from .scheduling import JobRecord, SchedulerConfig, SchedulingCore
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import LaunchClient
+    from .errors import AgentError, JobError, JobSpecError, ResourceError, UnknownJob, WorkspaceError
+    from .events import (
+        AgentHeartbeat,
+        Capacity,
+        JobAward,
+        JobBid,
+        JobCancel,
+        JobLog,
+        JobOffer,
+        JobReject,
+        JobReport,
+        JobState,
+        JobStatus,
+        JobStop,
+        JobSubmit,
+    )
+    from .gpu import GpuAgent, GpuAgentConfig
+    from .jobspec import Computing, JobSpec, LoadedJob, load_jobspec, parse_jobspec
+    from .placement import BinPack, LowestCost, Policy, Spread, policy_named
+    from .runtime import Agent, AgentStatus, RuntimeConfig
+    from .scheduler import SchedulerAgent, SchedulerAgentConfig
+    from .scheduling import JobRecord, SchedulerConfig, SchedulingCore
 
 __all__ = [
     "Agent",
@@ -70,3 +79,30 @@ __all__ = [
     "parse_jobspec",
     "policy_named",
 ]
+
+_HOME = {
+    "LaunchClient": ".client",
+    **dict.fromkeys(("AgentError", "JobError", "JobSpecError", "ResourceError", "UnknownJob", "WorkspaceError"),
+                    ".errors"),
+    **dict.fromkeys(("AgentHeartbeat", "Capacity", "JobAward", "JobBid", "JobCancel", "JobLog", "JobOffer",
+                     "JobReject", "JobReport", "JobState", "JobStatus", "JobStop", "JobSubmit"), ".events"),
+    "GpuAgent": ".gpu", "GpuAgentConfig": ".gpu",
+    **dict.fromkeys(("Computing", "JobSpec", "LoadedJob", "load_jobspec", "parse_jobspec"), ".jobspec"),
+    **dict.fromkeys(("BinPack", "LowestCost", "Policy", "Spread", "policy_named"), ".placement"),
+    "Agent": ".runtime", "AgentStatus": ".runtime", "RuntimeConfig": ".runtime",
+    "SchedulerAgent": ".scheduler", "SchedulerAgentConfig": ".scheduler",
+    "JobRecord": ".scheduling", "SchedulerConfig": ".scheduling", "SchedulingCore": ".scheduling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

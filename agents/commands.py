@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
-from rich.table import Table
 from rich.text import Text
 
 from fedbus.bus.cli import server_option
@@ -35,16 +34,17 @@ from fedbus.bus.console import (
 from fedbus.bus.creds import Credentials, load_creds
 from fedbus.bus.errors import ConfigError, FedbusError
 
-from .client import LaunchClient, exit_code_of, new_job_id
-from .config import AgentFile, load_agent_file
 from .events import AgentHeartbeat, JobLog, JobState, JobStatus
-from .gpu import GpuAgent, GpuAgentConfig
-from .jobspec import load_jobspec
-from .resources import DeclaredResources
-from .runtime import RuntimeConfig, configure_daemon_logging
-from .scheduler import SchedulerAgent, SchedulerAgentConfig
-from .scheduling import JobRecord, SchedulerConfig
-from .statedir import DirHeld
+
+if TYPE_CHECKING:  # imported by the commands that run them: `fedbus --help` loads no daemon and no aiohttp
+    from rich.table import Table
+
+    from .client import LaunchClient
+    from .config import AgentFile
+    from .gpu import GpuAgent
+    from .runtime import RuntimeConfig
+    from .scheduler import SchedulerAgent
+    from .scheduling import JobRecord
 
 __all__ = ["COMMANDS"]
 
@@ -76,6 +76,9 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 
 def _daemon(make: Callable[[], Any], json_logs: bool | None, level: str | None) -> None:
     """Run an agent until SIGTERM/SIGINT; it drains and the process exits 0."""
+    from .runtime import configure_daemon_logging
+    from .statedir import DirHeld
+
     configure_daemon_logging(json_logs=json_logs, level=level)
     try:
         agent = make()
@@ -131,6 +134,8 @@ def _runtime(file: AgentFile, *, server: str, kind: str, state_dir: Path | None,
     """The runtime config from options, then the config file, then the credential (``--creds``, which
     ``server_option`` puts in ``FEDBUS_CREDS``, else the file's ``creds``), then defaults. Two agents started
     with default flags share ``~/.fedbus/<kind>``: the second is refused (one live agent per dir)."""
+    from .runtime import RuntimeConfig
+
     creds = load_creds() or load_creds(Path(file.creds).expanduser() if file.creds else None)
     agent_id = agent_id or file.agent_id or (creds.id if creds else default_id)
     default_dir = Path.home() / ".fedbus" / (agent_id or kind)
@@ -181,6 +186,10 @@ def gpu_cmd(server: str | None, config_file: Path | None, state_dir: Path | None
     """Run a GPU node agent: bid on job offers, run awarded jobs, stream their logs (SIGTERM drains)."""
 
     def make() -> GpuAgent:
+        from .config import load_agent_file
+        from .gpu import GpuAgent, GpuAgentConfig
+        from .resources import DeclaredResources
+
         file = load_agent_file(config_file)
         res = file.resources
         runtime = _runtime(file, server=server, kind="gpu", state_dir=state_dir, agent_id=agent_id,
@@ -222,6 +231,10 @@ def scheduler_cmd(server: str | None, config_file: Path | None, state_dir: Path 
     """Run the scheduler: offers, bids, awards, leases, retries; jobs persist in JetStream."""
 
     def make() -> SchedulerAgent:
+        from .config import load_agent_file
+        from .scheduler import SchedulerAgent, SchedulerAgentConfig
+        from .scheduling import SchedulerConfig
+
         file = load_agent_file(config_file)
         runtime = _runtime(file, server=server, kind="scheduler", state_dir=state_dir, agent_id=agent_id,
                            heartbeat_s=heartbeat_s, health_port=health_port, trust=trust,
@@ -235,6 +248,12 @@ def scheduler_cmd(server: str | None, config_file: Path | None, state_dir: Path 
 
 
 # -- clients --------------------------------------------------------------------------------------------
+def _launch_client(server: str | None) -> LaunchClient:
+    from .client import LaunchClient
+
+    return LaunchClient(server)
+
+
 def _print_status(status: JobStatus) -> None:
     line = Text(f"{_clock(time.time())} ", style="dim")
     line.append(f"{status.state.value:<10}", style=_STATE_STYLE.get(status.state, ""))
@@ -271,13 +290,16 @@ def launch_cmd(job_file: Path, server: str | None, follow: bool, timeout: float 
     cancel it). See docs/cli.md.
     """
     configure_logging()
+    from .client import new_job_id
+    from .jobspec import load_jobspec
+
     try:
         loaded = load_jobspec(job_file)
     except FedbusError as exc:
         fail(exc)
 
     async def main() -> int:
-        async with LaunchClient(server) as client:
+        async with _launch_client(server) as client:
             chosen = job_id or new_job_id(loaded.spec.name)
             if not follow:
                 out.print(await client.submit(loaded, job_id=chosen))
@@ -328,10 +350,14 @@ async def _launch_and_follow(client: LaunchClient, loaded: Any, job_id: str, *, 
         err.print(f"job {job_id} is still {state} after {timeout:g}s and goes on; follow it with: "
                   f"fedbus logs -f {job_id}{where}; cancel it with: fedbus cancel {job_id}{where}")
         return EXIT_TIMEOUT
+    from .client import exit_code_of
+
     return exit_code_of(record)
 
 
 def _jobs_table(records: list[JobRecord]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for column in ("JOB", "NAME", "STATE", "ATTEMPT", "AGENTS", "EXIT", "AGE", "REASON"):
         table.add_column(column, overflow="fold" if column == "REASON" else "ellipsis",
@@ -354,7 +380,7 @@ def jobs_cmd(server: str, states: tuple[str, ...], limit: int) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:
+        async with _launch_client(server) as client:
             records = [r for r in await client.jobs() if not states or r.state.value in states][:limit]
         if not records:
             err.print("no jobs")
@@ -372,7 +398,7 @@ def job_cmd(job_id: str, server: str) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:
+        async with _launch_client(server) as client:
             rec = await client.job(job_id)
         spec = rec.spec
         c = spec.computing
@@ -391,6 +417,8 @@ def job_cmd(job_id: str, server: str) -> None:
         for p in rec.placements:
             out.print(f"  node {p.node_rank}: {p.agent_id} ({p.address or '?'}) {p.phase}"
                       + (f" with {p.exit_code}" if p.exit_code is not None else ""))
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold", title="history", title_justify="left")
         for column in ("TIME", "STATE", "ATTEMPT", "REASON"):
             table.add_column(column, overflow="fold")
@@ -411,7 +439,7 @@ def logs_cmd(job_id: str, server: str, follow: bool) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:
+        async with _launch_client(server) as client:
             job_id_full = await client.resolve(job_id)
             if follow:
                 await client.follow(job_id_full, on_log=_print_log)
@@ -432,7 +460,7 @@ def cancel_cmd(job_id: str, server: str, reason: str) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:  # signed with FEDBUS_CREDS' key when it is set
+        async with _launch_client(server) as client:  # signed with FEDBUS_CREDS' key when it is set
             full = await client.cancel(job_id, reason=reason)
         err.print(f"cancel requested for {full}")
 
@@ -440,6 +468,8 @@ def cancel_cmd(job_id: str, server: str, reason: str) -> None:
 
 
 def _agents_table(beats: list[AgentHeartbeat]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for column in ("AGENT", "KIND", "STATUS", "GPUS FREE", "MODEL", "CPUS FREE", "MEM FREE GB", "PRICE/H",
                    "JOBS", "ADDRESS"):
@@ -464,7 +494,7 @@ def agents_cmd(server: str, as_json: bool) -> None:
     configure_logging()
 
     async def main() -> None:
-        async with LaunchClient(server) as client:
+        async with _launch_client(server) as client:
             beats = await client.agents()
         if not beats:
             err.print("no live agents")

@@ -1,12 +1,22 @@
 """fedbus.aggregator: federated learning as events (aggregator, clients, strategies, privacy, secure
-aggregation). Pure numpy; torch lives in :mod:`fedbus.trainer`. See ``docs/federate.md``."""
+aggregation). Pure numpy; torch lives in :mod:`fedbus.trainer`. See ``docs/federate.md``.
 
-from .client import ClientFaults, EvalOutcome, FitOutcome, FlClient, LocalTrainer
-from .config import FlConfig, RoundSettings, load_config, parse_config
-from .federation import SimulationOptions, simulate
-from .privacy import CentralDp, RdpAccountant
-from .server import Aggregator, RunResult
-from .strategies import Strategy, Update, make_strategy
+The names below are imported on first use (PEP 562), so that ``import fedbus.aggregator.events`` (what
+``fedbus tail`` does to decode ``fl.*`` events) needs neither numpy nor the ``ml`` extra.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import ClientFaults, EvalOutcome, FitOutcome, FlClient, LocalTrainer
+    from .config import FlConfig, RoundSettings, load_config, parse_config
+    from .federation import SimulationOptions, simulate
+    from .privacy import CentralDp, RdpAccountant
+    from .server import Aggregator, RunResult
+    from .strategies import Strategy, Update, make_strategy
 
 __all__ = [
     "Aggregator",
@@ -28,3 +38,26 @@ __all__ = [
     "parse_config",
     "simulate",
 ]
+
+_HOME = {
+    "ClientFaults": ".client", "EvalOutcome": ".client", "FitOutcome": ".client", "FlClient": ".client",
+    "LocalTrainer": ".client",
+    "FlConfig": ".config", "RoundSettings": ".config", "load_config": ".config", "parse_config": ".config",
+    "SimulationOptions": ".federation", "simulate": ".federation",
+    "CentralDp": ".privacy", "RdpAccountant": ".privacy",
+    "Aggregator": ".server", "RunResult": ".server",
+    "Strategy": ".strategies", "Update": ".strategies", "make_strategy": ".strategies",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -21,13 +21,15 @@ Commands parse options and render; the work is in :mod:`~fedbus.aggregator.feder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import numpy as np
+from rich.markup import escape
 
 from fedbus.bus.cli import server_option
 from fedbus.bus.client import Bus, Security
@@ -38,22 +40,40 @@ from fedbus.bus.errors import ConfigError, FedbusError
 from fedbus.bus.roles import Role
 from fedbus.bus.signing import AgentKey, KeyRing
 
-from .config import FlConfig, load_config
-from .federation import STATE_BUCKET, SimulationOptions, client_id, identity_clients, open_object_store, simulate
-from .progress import ProgressView, metrics_table
-from .server import Aggregator, RunResult
-from .trust import CLIENT_ROLES
+if TYPE_CHECKING:  # the commands import these when they run: `fedbus --help` needs neither numpy nor torch
+    import numpy as np
+
+    from .config import FlConfig
+    from .server import RunResult
 
 AGGREGATOR_ROLES = frozenset({Role.AGGREGATOR, Role.ADMIN})
 
 __all__ = ["COMMANDS"]
+
+_ML_MODULES = frozenset({"numpy", "scipy", "torch", "sklearn", "onnx", "onnxruntime"})
+
+
+def _no_ml(what: str, exc: ImportError) -> NoReturn:
+    # escape(): `fail` prints rich markup, which would eat "[ml]"
+    fail(ConfigError(escape(f"{what} needs the ml extra (pip install 'fedbus[ml]'): {exc}")))
+
+
+@contextlib.contextmanager
+def _ml_extra() -> Iterator[None]:
+    """One line (exit 2) instead of a traceback when a command that needs the ``ml`` extra runs without it."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _ML_MODULES:
+            raise
+        _no_ml("this command", exc)
 
 
 def _prepare(config: FlConfig, clients: int) -> Any:
     try:
         from fedbus.trainer.setup import prepare
     except ImportError as exc:  # pragma: no cover - the ml extra is missing
-        fail(ConfigError(f"training needs the ml extra (pip install 'fedbus[ml]'): {exc}"))
+        _no_ml("training", exc)
     return prepare(config, clients=clients)
 
 
@@ -83,6 +103,8 @@ def _report(result: RunResult, *, as_json: bool, onnx: Path | None, federation: 
             )
         )
     else:
+        from .progress import metrics_table
+
         out.print(
             metrics_table(final, title=f"final metrics (version {result.version}, {result.rounds} rounds)")
         )
@@ -140,6 +162,10 @@ def run_cmd(
     """Run the federation in CONFIG_PATH; with --simulate N, with N clients in this process. A run_id that
     already has state on the broker (or in --state-dir) is refused unless --resume."""
     configure_logging(log_level)
+    with _ml_extra():
+        from .config import load_config
+        from .federation import SimulationOptions, simulate
+        from .progress import ProgressView
     try:
         config = load_config(config_path)
     except FedbusError as exc:
@@ -186,6 +212,10 @@ def _serve_aggregator(
     With a credential (``--creds``, ``FEDBUS_CREDS`` or the context's) the aggregator logs in as it and
     trusts only registered client identities (:mod:`fedbus.aggregator.trust`); without one it trusts the
     ``--trust`` keys, else client keys on first use."""
+    from .federation import STATE_BUCKET, identity_clients, open_object_store
+    from .progress import ProgressView
+    from .server import Aggregator
+
     s = config.settings
     url, creds = _login(server)
     if creds is not None:
@@ -265,6 +295,10 @@ def client_cmd(
     """Run one client of the federation in CONFIG_PATH (a silo, or a client job launched by the scheduler) on
     data partition --index. With --creds the client's id is the credential's (role fl-client)."""
     configure_logging(log_level)
+    with _ml_extra():
+        from .config import load_config
+        from .federation import client_id, open_object_store
+        from .trust import CLIENT_ROLES
     try:
         config = load_config(config_path)
     except FedbusError as exc:
@@ -346,6 +380,10 @@ def aggregator_cmd(
 ) -> None:
     """The aggregator of the federation in CONFIG_PATH; resumes from its checkpoint after a restart."""
     configure_logging(log_level)
+    with _ml_extra():
+        import numpy as np
+
+        from .config import load_config
     try:
         config = load_config(config_path)
     except FedbusError as exc:

@@ -2,6 +2,8 @@
 
 An entry point names a list of ``click.Command`` objects. Groups of the same name from several packages are
 merged, so ``fedbus agent gpu`` (agents) and ``fedbus agent aggregator`` (aggregator) live side by side.
+Command modules import their heavy dependencies (numpy, torch, aiohttp, the daemons) inside the commands that
+need them, so ``fedbus --help`` and ``fedbus tail`` start fast, and work on a core install without extras.
 Every client command takes ``--server URL`` (or ``FEDBUS_SERVER``); see :func:`server_option`.
 """
 
@@ -48,6 +50,7 @@ class _Root(click.Group):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._loaded = False
+        self._unavailable: list[str] = []
 
     def _load(self) -> None:
         if self._loaded:
@@ -56,9 +59,9 @@ class _Root(click.Group):
         for ep in sorted(entry_points(group="fedbus.cli"), key=lambda e: e.name):
             try:
                 commands: Iterable[click.Command] = ep.load()
-            except ImportError as exc:  # e.g. `fedbus fl` without the ml extra: the other commands still work
-                click.echo(f"fedbus: the {ep.name} commands are unavailable ({exc}); "
-                           f"try: pip install 'fedbus[ml]'", err=True)
+            except ImportError as exc:  # a broken package: the other commands still work, and say nothing
+                self._unavailable.append(f"fedbus: the {ep.name} commands are unavailable ({exc}); "
+                                         f"try: pip install 'fedbus[ml]'")
                 continue
             for command in commands:
                 self._merge(command)
@@ -78,7 +81,11 @@ class _Root(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         self._load()
-        return super().get_command(ctx, cmd_name)
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not ctx.resilient_parsing:  # perhaps it is one of those that failed to load
+            for note in self._unavailable:
+                click.echo(note, err=True)
+        return command
 
 
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -13,11 +13,10 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from .authority import Authority
 from .catalogue_cli import load_events
 from .console import EXIT_USAGE, err, fail, out
 from .context import context_path, load_context
@@ -25,6 +24,9 @@ from .creds import load_creds
 from .errors import ConfigError, FedbusError
 from .events import CATALOGUE
 from .roles import ROLES, Role
+
+if TYPE_CHECKING:  # imported by the commands that use it: `fedbus --help` needs neither bcrypt nor x509
+    from .authority import Authority
 
 __all__ = ["context_cmd", "creds_group", "parse_duration"]
 
@@ -46,6 +48,8 @@ def _authority(data_dir: Path | None) -> Authority:
         if context is None or not context.data_dir:
             fail("no broker data dir: run `fedbus up` first, or pass --data-dir", EXIT_USAGE)
         data_dir = Path(context.data_dir)
+    from .authority import Authority  # noqa: PLC0415
+
     authority = Authority(data_dir)
     if not authority.exists:
         fail(f"no authority in {data_dir} (start `fedbus up` there once, without --insecure)", EXIT_USAGE)
@@ -117,6 +121,8 @@ def list_cmd(as_json: bool, data_dir: Path | None) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
+    from rich.table import Table  # noqa: PLC0415
+
     table = Table("id", "role", "state", "key id", "issued", "expires", box=None)
     for r in rows:
         table.add_row(r["id"], r["role"], r["state"], r["kid"], r["issued"], r["expires"])

@@ -18,18 +18,19 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 
-from .authority import Authority
-from .broker import NatsCluster, NatsServer
 from .catalogue_cli import load_events
 from .console import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE, configure_logging, err, fail, out
 from .context import Context, save_context
 from .errors import FedbusError
 from .events import CATALOGUE
+
+if TYPE_CHECKING:  # imported when the broker starts: `fedbus --help` needs neither bcrypt nor x509
+    from .authority import Authority
 
 __all__ = ["up"]
 
@@ -168,6 +169,9 @@ def up(nats_port: int, mqtt_port: int, no_mqtt: bool, data_dir: Path | None, siz
 def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, host: str,
          advertise: str | None, insecure: bool, as_json: bool, say: object) -> None:
     from rich.console import Console  # noqa: PLC0415
+
+    from .authority import Authority  # noqa: PLC0415
+    from .broker import NatsCluster, NatsServer  # noqa: PLC0415
 
     assert isinstance(say, Console)
     load_events()

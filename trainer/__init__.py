@@ -1,9 +1,18 @@
 """fedbus.trainer: local training with torch for federated clients (datasets that need no download, IID and
-Dirichlet partitioners, model factories, FedProx, ONNX export). See ``docs/federate.md``."""
+Dirichlet partitioners, model factories, FedProx, ONNX export). See ``docs/federate.md``.
 
-from .data import Dataset, load_digits, load_npz, partition_dirichlet, partition_iid, split, synthetic
-from .local import TorchTrainer, evaluate_model, train_central
-from .models import build_model, get_flat, set_flat
+The names below are imported on first use (PEP 562): importing a submodule does not pull in torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data import Dataset, load_digits, load_npz, partition_dirichlet, partition_iid, split, synthetic
+    from .local import TorchTrainer, evaluate_model, train_central
+    from .models import build_model, get_flat, set_flat
 
 __all__ = [
     "Dataset",
@@ -20,3 +29,23 @@ __all__ = [
     "synthetic",
     "train_central",
 ]
+
+_HOME = {
+    "Dataset": ".data", "load_digits": ".data", "load_npz": ".data", "partition_dirichlet": ".data",
+    "partition_iid": ".data", "split": ".data", "synthetic": ".data",
+    "TorchTrainer": ".local", "evaluate_model": ".local", "train_central": ".local",
+    "build_model": ".models", "get_flat": ".models", "set_flat": ".models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
