@@ -16,24 +16,27 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from fedbus.aggregator.events import ModelRef, RoundStart
 from fedbus.bus import connect
 from fedbus.bus.broker import NatsServer
+from fedbus.bus.cli import KNOWN_COMMANDS
 
 WAIT = 30.0  # an upper bound on a loaded 2-core machine; nothing waits this long when things work
 HEAVY = ("numpy", "torch", "scipy", "sklearn", "aiohttp")
 ML_EXTRA = ("numpy", "scipy", "sklearn", "torch", "onnx", "onnxruntime")
 MARK = "@@startup-modules@@"
 
-# Prepended to a script: the named top-level packages cannot be imported, as if they were not installed.
+# Prepended to a script: the named modules (and all of a named top-level package) cannot be imported, as if
+# they were not installed.
 _BLOCK = """
 import importlib.abc, sys
 
 class _NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {blocked!r}:
+        if name in {blocked!r} or name.partition(".")[0] in {blocked!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
@@ -141,6 +144,53 @@ def test_decoding_an_fl_event_needs_neither_numpy_nor_torch() -> None:
     python(code, blocked=ML_EXTRA)  # and on a core install
 
 
+def test_the_table_of_known_commands_matches_the_commands_themselves() -> None:
+    # `fedbus --help` lists KNOWN_COMMANDS without importing the command modules: it must say what they say.
+    found: dict[str, tuple[tuple[str, ...], str]] = {}
+    for ep in sorted(entry_points(group="fedbus.cli"), key=lambda e: e.name):
+        for command in ep.load():
+            assert command.name is not None
+            first = " ".join((command.help or "").partition("\n\n")[0].split())
+            packages, text = found.get(command.name, ((), first))
+            found[command.name] = ((*packages, ep.name), text)
+    assert found == KNOWN_COMMANDS
+
+
+def test_help_from_the_table_is_the_help_of_the_loaded_commands() -> None:
+    script = textwrap.dedent("""
+        import click, json
+        from fedbus.bus.cli import main
+        ctx = click.Context(main, info_name="fedbus")
+        lazy = main.get_help(ctx)
+        loaded = {m for m in __import__("sys").modules if m.endswith(".commands")}
+        main.get_command(ctx, "agent")  # loads the agents and aggregator commands
+        main.get_command(ctx, "tail")
+        print(json.dumps([lazy, main.get_help(ctx), sorted(loaded)]))
+    """)
+    for columns in ("60", "200"):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT,
+                                env={**_env(), "COLUMNS": columns}, check=False)
+        assert result.returncode == 0, result.stderr
+        lazy, loaded, modules = json.loads(result.stdout)
+        assert modules == []  # the first help came from the table alone
+        assert lazy == loaded and "\n  tail " in lazy
+
+
+def test_tail_loads_the_bus_commands_alone() -> None:
+    probe = python(textwrap.dedent("""
+        import sys
+        sys.argv = ["fedbus", "tail", "--help"]
+        from fedbus.bus.cli import main
+        try:
+            main(prog_name="fedbus")
+        except SystemExit:
+            pass
+        assert "fedbus.bus.commands" in sys.modules
+        assert "fedbus.agents.commands" not in sys.modules and "fedbus.aggregator.commands" not in sys.modules
+    """))
+    assert "fedbus" in probe
+
+
 # -- a core install: no ml extra ---------------------------------------------------------------------------
 def test_without_the_ml_extra_every_command_is_listed_and_nothing_warns() -> None:
     for args in (("--help",), ("tail", "--help"), ("fl", "--help"), ("agent", "--help"), ("launch", "--help")):
@@ -202,3 +252,13 @@ async def test_without_the_ml_extra_tail_decodes_fl_events(nats_server: NatsServ
     assert "known" not in record and "error" not in record  # decoded with its schema, not as raw msgpack
     assert set(json.loads(out.rpartition(MARK)[2])).isdisjoint(ML_EXTRA)
     assert err == ""
+
+
+def test_a_package_whose_commands_cannot_load_is_named_only_by_a_command_it_holds() -> None:
+    broken = ("fedbus.aggregator.commands",)
+    for args in (("--help",), ("tail", "--help"), ("agent", "gpu", "--help")):
+        code, out, err, _ = fedbus(*args, blocked=broken)
+        assert code == 0 and err == "", (args, err)
+    code, out, err, _ = fedbus("fl", "--help", blocked=broken)
+    assert code == 2
+    assert "No such command 'fl'" in err and "the aggregator commands are unavailable" in err, err
