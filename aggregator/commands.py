@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.markup import escape
 
 from fedbus.bus.cli import server_option
 from fedbus.bus.client import Bus, Security
@@ -54,8 +53,7 @@ _ML_MODULES = frozenset({"numpy", "scipy", "torch", "sklearn", "onnx", "onnxrunt
 
 
 def _no_ml(what: str, exc: ImportError) -> NoReturn:
-    # escape(): `fail` prints rich markup, which would eat "[ml]"
-    fail(ConfigError(escape(f"{what} needs the ml extra (pip install 'fedbus[ml]'): {exc}")))
+    fail(ConfigError(f"{what} needs the ml extra (pip install 'fedbus[ml]'): {exc}"))
 
 
 @contextlib.contextmanager

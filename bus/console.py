@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 
 from .errors import AuthError, CodecError, ConfigError, ConnectError, FedbusError, SubjectError
 
@@ -106,7 +107,7 @@ def exit_code(exc: FedbusError) -> int:
 
 def fail(exc: FedbusError | str, code: int | None = None) -> NoReturn:
     """Print one error line on stderr and exit."""
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # text in [] stays
     if code is None:
         code = exit_code(exc) if isinstance(exc, FedbusError) else EXIT_FAILURE
     raise SystemExit(code)
