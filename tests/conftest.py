@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -92,11 +93,11 @@ class MosquittoServer:
             lines.append("user root")  # otherwise it drops to 'mosquitto', who cannot write data_dir
         return "\n".join(lines) + "\n"
 
-    def start(self, *, timeout: float = 10.0) -> MosquittoServer:
+    def start(self, *, timeout: float = 10.0) -> Self:
         conf = self.data_dir / "mosquitto.conf"
         conf.write_text(self._config())
         assert MOSQUITTO is not None
-        self._proc = _subprocess.Popen(  # noqa: S603 - our binary, our config
+        self._proc = _subprocess.Popen(  # our binary, our config
             [MOSQUITTO, "-c", str(conf)], stdout=_subprocess.DEVNULL, stderr=_subprocess.PIPE,
             start_new_session=True,
         )
@@ -130,7 +131,7 @@ class MosquittoServer:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> MosquittoServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -35,7 +35,7 @@ class Deployment:
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*FEDBUS, *args], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
 
     def issue(self, role: str, ident: str) -> Path:
         path = self.root / f"{ident}.creds"

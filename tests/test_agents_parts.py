@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import fedbus.agents as agents
+from fedbus import agents
 from fedbus.agents.errors import JobSpecError, WorkspaceError
 from fedbus.agents.events import JobLog
 from fedbus.agents.executor import Launch, SubprocessRunner, agent_env, reap_orphans
@@ -94,9 +94,9 @@ def test_ledger_reserves_distinct_gpus_and_expires_reservations() -> None:
 
 # -- the runner -----------------------------------------------------------------------------------------
 def _launch(tmp_path: Path, spec: JobSpec, **kw: object) -> Launch:
-    base: dict[str, object] = dict(job_id="j", attempt=3, agent_id="gpu-9", node_rank=1, nodes=2,
-                                   master_addr="10.1.1.1", master_port=29500, spec=spec, gpu_ids=(2, 3),
-                                   workdir=tmp_path)
+    base: dict[str, object] = {"job_id": "j", "attempt": 3, "agent_id": "gpu-9", "node_rank": 1, "nodes": 2,
+                               "master_addr": "10.1.1.1", "master_port": 29500, "spec": spec, "gpu_ids": (2, 3),
+                               "workdir": tmp_path}
     base.update(kw)
     return Launch(**base)  # type: ignore[arg-type]
 
@@ -144,7 +144,7 @@ async def test_jobs_get_the_agents_broker_and_python_unless_their_env_says_other
 
 
 async def test_runner_failures_stop_and_timeout(tmp_path: Path) -> None:
-    sink = lambda *a: None  # noqa: E731
+    sink = lambda *a: None
 
     async def nothing() -> None:
         return None

@@ -197,9 +197,9 @@ async def test_device_cannot_submit_jobs_with_mosquitto_pub(secure: Secure, admi
     watch = await Watch(admin, "fedbus.jobs.submit.>").start()
     assert MOSQUITTO_PUB is not None, "mosquitto_pub is needed (Debian: mosquitto-clients; .ci/run installs it)"
     for topic in ("fedbus/jobs/submit/evil", "fedbus/jobs/cancel/victim", "fedbus/edge/status/dev-2"):
-        done = subprocess.run([MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(secure.mqtt_port), "--cafile",
-                               str(secure.ca), "-u", creds.user, "-P", creds.password, "-q", "1", "-i",
-                               "mp-dev-1", "-t", topic, "-m", "id"], capture_output=True, timeout=20)
+        argv = [MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(secure.mqtt_port), "--cafile", str(secure.ca),
+                "-u", creds.user, "-P", creds.password, "-q", "1", "-i", "mp-dev-1", "-t", topic, "-m", "id"]
+        done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=20, check=False)
         assert done.returncode == 0, done.stderr
     assert await watch.settle() == []
 

@@ -39,7 +39,7 @@ def test_admin_has_no_limits_and_others_have_only_allow_lists() -> None:
         # Nobody but admin creates, updates or deletes streams, or writes the identities.
         assert not any(".STREAM.CREATE." in s or ".STREAM.UPDATE." in s or ".STREAM.DELETE." in s
                        for s in grants.publish), role
-        assert not any(s.startswith("$KV.fedbus-identities") or s.startswith("$KV.agent-keys")
+        assert not any(s.startswith(("$KV.fedbus-identities", "$KV.agent-keys"))
                        for s in grants.publish), role
 
 
@@ -49,18 +49,18 @@ def test_a_device_is_scoped_to_its_own_id() -> None:
     assert "fedbus.edge.status.phone-7" in grants.publish
     assert "fedbus.edge.status.*" not in grants.publish
     assert "fedbus.jobs.offer.phone-7" in grants.subscribe
-    assert not any(s.startswith("fedbus.jobs.submit") or s.startswith("fedbus.jobs.award")
-                   or s.startswith("fedbus.jobs.cancel") for s in grants.publish)
+    assert not any(s.startswith(("fedbus.jobs.submit", "fedbus.jobs.award", "fedbus.jobs.cancel"))
+                   for s in grants.publish)
     assert not any(s.startswith("$JS.API.CONSUMER.CREATE.FEDBUS_JOBS") for s in grants.publish)
 
 
 def test_gpu_agent_cannot_award_or_read_other_agents_work() -> None:
     grants = grants_for(Role.GPU_AGENT, "gpu-1", list(project_events()))
     assert grants.publish is not None and grants.subscribe is not None
-    assert not any(s.startswith("fedbus.jobs.award") or s.startswith("fedbus.jobs.status")
-                   or s.startswith("fedbus.jobs.submit") for s in grants.publish)
+    assert not any(s.startswith(("fedbus.jobs.award", "fedbus.jobs.status", "fedbus.jobs.submit"))
+                   for s in grants.publish)
     assert "fedbus.jobs.award.gpu-1" in grants.subscribe and "fedbus.jobs.award.*" not in grants.subscribe
-    assert not any(s.startswith("fedbus.jobs.log") or s.startswith("fedbus.jobs.submit") for s in grants.subscribe)
+    assert not any(s.startswith(("fedbus.jobs.log", "fedbus.jobs.submit")) for s in grants.subscribe)
 
 
 def test_every_bucket_has_both_limits_and_access() -> None:

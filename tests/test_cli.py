@@ -20,13 +20,13 @@ import msgpack
 import pytest
 
 from fedbus.bus import connect, publish_sync
-from fedbus.bus.creds import Credentials
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.catalogue import Heartbeat, Notice, Record
+from fedbus.bus.catalogue_cli import event_for, load_events
 from fedbus.bus.client import Security
 from fedbus.bus.codec import Codec, Limits
 from fedbus.bus.commands import parse_since
-from fedbus.bus.catalogue_cli import event_for, load_events
+from fedbus.bus.creds import Credentials
 from fedbus.bus.errors import ConfigError, SchemaError, SubjectError, UnknownEventType
 from fedbus.bus.jetstream import JetStream
 from fedbus.bus.nats_transport import NatsTransport

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fedbus.bus import Bus, Catalogue, Codec, Event, event
 from fedbus.bus.broker import NatsCluster
 from fedbus.bus.jetstream import JetStream

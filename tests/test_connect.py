@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 
-import fedbus.bus
 import pytest
 
+import fedbus.bus
 from fedbus.bus import Bus, MemoryTransport, connect, publish_sync, transport_for
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.catalogue import Heartbeat, Ping, Pong

@@ -138,20 +138,22 @@ async def test_subscribe_yields_type_data_envelope_and_skips_bad_frames(
         nats_server: NatsServer) -> None:
     dev = device()
     limits = FrameLimits(max_frame_bytes=4096, max_depth=4)
-    async with Bus(NatsTransport(nats_server.url), source="agent-1") as agent, \
-            EdgeClient(device_id=dev, url=mqtt_url(nats_server), limits=limits) as edge:
-        async with edge.subscribe("bus.ping", key=dev) as pings:
-            raw, subject = agent.transport, Ping(agent_id=dev).subject()
-            await raw.publish(subject, b"\xc1 garbage")
-            await raw.publish(subject, b"\x00" * 5000)  # over the device's frame limit
-            deep: object = 1
-            for _ in range(10):
-                deep = [deep]
-            too_deep = make_envelope("bus.ping", {"agent_id": dev, "x": deep}, source="a")
-            await raw.publish(subject, pack(too_deep))
-            await raw.publish(subject, pack(make_envelope("bus.pong", {"agent_id": dev}, source="a")))
-            sent = await agent.publish(Ping(agent_id=dev, text="hi"))
-            event_type, data, env = await pings.next(5)
+    async with (
+        Bus(NatsTransport(nats_server.url), source="agent-1") as agent,
+        EdgeClient(device_id=dev, url=mqtt_url(nats_server), limits=limits) as edge,
+        edge.subscribe("bus.ping", key=dev) as pings,
+    ):
+        raw, subject = agent.transport, Ping(agent_id=dev).subject()
+        await raw.publish(subject, b"\xc1 garbage")
+        await raw.publish(subject, b"\x00" * 5000)  # over the device's frame limit
+        deep: object = 1
+        for _ in range(10):
+            deep = [deep]
+        too_deep = make_envelope("bus.ping", {"agent_id": dev, "x": deep}, source="a")
+        await raw.publish(subject, pack(too_deep))
+        await raw.publish(subject, pack(make_envelope("bus.pong", {"agent_id": dev}, source="a")))
+        sent = await agent.publish(Ping(agent_id=dev, text="hi"))
+        event_type, data, env = await pings.next(5)
     assert (event_type, data) == ("bus.ping", {"agent_id": dev, "text": "hi"})
     assert env["id"] == sent.id and env["src"] == "agent-1" and env["sig"] is None
     assert edge.rejected == {"MalformedFrame": 3, "FrameTooLarge": 1}

@@ -28,6 +28,6 @@ def test_core_packages_do_not_import_torch() -> None:
         "bad = sorted(m for m in ('torch', 'numpy', 'onnx') if m in sys.modules); print(bad); "
         "sys.exit(1 if 'torch' in bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "torch" not in result.stdout

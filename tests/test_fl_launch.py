@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from fedbus.aggregator.events import GlobalModel, RoundClose, RunFinished
 from fedbus.agents.client import LaunchClient
 from fedbus.agents.events import JobState, JobStatus
 from fedbus.agents.executor import reap_orphans
 from fedbus.agents.jobspec import load_jobspec
+from fedbus.aggregator.events import GlobalModel, RoundClose, RunFinished
 from fedbus.bus.broker import NatsServer, free_port
 from fedbus.bus.client import Bus
 from fedbus.bus.connect import transport_for

@@ -51,15 +51,15 @@ def test_public_api_is_pinned() -> None:
 
 
 def _round(**kw: object) -> FitRound:
-    base: dict[str, object] = dict(
-        round=3,
-        attempt=0,
-        version=2,
-        sampled=["a", "b", "c"],
-        min_clients=2,
-        deadline=10.0,
-        aggregate=MeanAggregate(2),
-    )
+    base: dict[str, object] = {
+        "round": 3,
+        "attempt": 0,
+        "version": 2,
+        "sampled": ["a", "b", "c"],
+        "min_clients": 2,
+        "deadline": 10.0,
+        "aggregate": MeanAggregate(2),
+    }
     base.update(kw)
     return FitRound(**base)  # type: ignore[arg-type]
 

@@ -20,20 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
-import numpy as np
-import yaml
 import nats
+import numpy as np
 import pytest
+import yaml
+from hostile_frames import envelope, garbage, hostile_values
+from secure_deploy import FEDBUS, Deployment
 
+from fedbus.bus.catalogue_cli import load_events
 from fedbus.bus.codec import Codec
 from fedbus.bus.creds import Credentials
 from fedbus.bus.permissions import grants_for
-from fedbus.bus.catalogue_cli import load_events
 from fedbus.bus.roles import Role
 from fedbus.bus.subjects import to_mqtt
-
-from hostile_frames import envelope, garbage, hostile_values
-from secure_deploy import FEDBUS, Deployment
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import msgpack
 import msgspec
 import pytest
+
 from fedbus.bus import AgentKey, Bus, Catalogue, Codec, Event, Security, event
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.jetstream import _META_ENCODER, JetStream, JetStreamEventLog, _Meta

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nats
 import pytest
+
 from fedbus.bus import Bus, Codec
 from fedbus.bus._js_errors import denied
 from fedbus.bus.authority import Authority

@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from fedbus.bus import AgentKey, Bus, Catalogue, Codec, Event, KeyRing, MemoryBroker, MemoryTransport, \
-    ReplayGuard, Security, event
+from fedbus.bus import (
+    AgentKey,
+    Bus,
+    Catalogue,
+    Codec,
+    Event,
+    KeyRing,
+    MemoryBroker,
+    MemoryTransport,
+    ReplayGuard,
+    Security,
+    event,
+)
 from fedbus.bus.errors import BadSignature, ConfigError, ReplayedEvent, UnknownKey, UnsignedEvent
 
 CAT = Catalogue()

@@ -13,6 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 from click.testing import CliRunner
+from rich.table import Table
+from structlog.testing import capture_logs
+
 from fedbus.agents.commands import COMMANDS as LAUNCH_COMMANDS
 from fedbus.agents.events import AgentHeartbeat, Capacity
 from fedbus.agents.resources import detect_gpus
@@ -24,8 +27,6 @@ from fedbus.bus.errors import ClosedError, NoResponders, RequestTimeout
 from fedbus.bus.memory import MemoryBroker, MemoryTransport
 from fedbus.bus.nats_transport import NatsTransport
 from fedbus.bus.stores import open_stores
-from rich.table import Table
-from structlog.testing import capture_logs
 
 FEDBUS = str(Path(sys.executable).parent / "fedbus")
 

@@ -257,8 +257,8 @@ async def test_without_the_ml_extra_tail_decodes_fl_events(nats_server: NatsServ
 def test_a_package_whose_commands_cannot_load_is_named_only_by_a_command_it_holds() -> None:
     broken = ("fedbus.aggregator.commands",)
     for args in (("--help",), ("tail", "--help"), ("agent", "gpu", "--help")):
-        code, out, err, _ = fedbus(*args, blocked=broken)
+        code, _out, err, _ = fedbus(*args, blocked=broken)
         assert code == 0 and err == "", (args, err)
-    code, out, err, _ = fedbus("fl", "--help", blocked=broken)
+    code, _out, err, _ = fedbus("fl", "--help", blocked=broken)
     assert code == 2
     assert "No such command 'fl'" in err and "the aggregator commands are unavailable" in err, err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from fedbus.bus import Bus, Catalogue, Codec, Event, MemoryBroker, MemoryTransport, event
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.errors import Conflict, IntegrityError, NotFound, StoreError, SubjectError

@@ -58,16 +58,16 @@ async def kind(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
     factory: Callable[[str], Transport]
     if name == "memory":
         broker = MemoryBroker()
-        factory = lambda cid: MemoryTransport(broker, client_id=cid)  # noqa: E731
+        factory = lambda cid: MemoryTransport(broker, client_id=cid)
     elif name == "nats":
         url = request.getfixturevalue("nats_server").url
-        factory = lambda cid: NatsTransport(url, client_name=cid)  # noqa: E731
+        factory = lambda cid: NatsTransport(url, client_name=cid)
     elif name == "nats-mqtt":
         url = request.getfixturevalue("nats_server").mqtt_url
-        factory = lambda cid: MqttTransport(url, client_id=cid)  # noqa: E731
+        factory = lambda cid: MqttTransport(url, client_id=cid)
     else:
         url = request.getfixturevalue("mosquitto").url
-        factory = lambda cid: MqttTransport(url, client_id=cid)  # noqa: E731
+        factory = lambda cid: MqttTransport(url, client_id=cid)
     k = Kind(name, queue_groups=name != "nats-mqtt", factory=factory)
     yield k
     for transport in k.opened:

@@ -569,7 +569,7 @@ async def test_ctrl_c_during_follow_detaches_with_130_and_says_how_to_cancel(clu
             seen.append(line)
     job_id = next(line.split()[1] for line in seen if line.startswith("job ") and "submitted" in line)
     proc.send_signal(signal.SIGINT)
-    out, rest = await asyncio.wait_for(proc.communicate(), 30)
+    _out, rest = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 130, rest.decode()
     message = rest.decode().strip().splitlines()[-1]
     command = f"fedbus cancel {job_id} --server {cluster.url}"
