@@ -35,8 +35,7 @@ from fedbus.bus.connect import resolve, transport_for
 from fedbus.bus.creds import IDENTITIES_BUCKET, Credentials, Identity, fetch_identity
 from fedbus.bus.errors import Conflict, FedbusError, NotFound
 from fedbus.bus.events import Event
-from fedbus.bus.roles import validate_id
-from fedbus.bus.roles import Role
+from fedbus.bus.roles import Role, validate_id
 from fedbus.bus.signing import KeyRing
 from fedbus.bus.stores import EventLog, KeyValue, ObjectStore, Stores, open_stores
 from fedbus.bus.transport import Transport

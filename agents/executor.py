@@ -173,7 +173,7 @@ class SubprocessRunner:
                     procs.append((proc, rank))
                     if pids is not None:
                         pids.parent.mkdir(parents=True, exist_ok=True)
-                        with open(pids, "a") as file:
+                        with open(pids, "a") as file:  # noqa: ASYNC230 - one short line, before any output is read
                             file.write(f"{proc.pid} {cwd}\n")
                     assert proc.stdout is not None and proc.stderr is not None
                     pumps.append(tg.create_task(_pump(proc.stdout, "stdout", rank, sink)))

@@ -182,7 +182,7 @@ def parse_jobspec(text: str, *, source: str | None = None) -> JobSpec:
     """Parse and validate job YAML; raises :class:`JobSpecError` pointing at the bad key and line."""
     try:
         node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise JobSpecError(f"not valid YAML: {exc.problem}", source=source, line=line) from None

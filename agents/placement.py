@@ -116,7 +116,7 @@ class LowestCost:
                 candidate.agent_id)
 
 
-POLICIES: dict[str, type[BinPack] | type[Spread] | type[LowestCost]] = {
+POLICIES: dict[str, type[BinPack | Spread | LowestCost]] = {
     BinPack.name: BinPack, Spread.name: Spread, LowestCost.name: LowestCost,
 }
 

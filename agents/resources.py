@@ -100,7 +100,7 @@ def _nvidia_smi() -> list[GpuInfo] | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run(  # noqa: S603 - a fixed command line
+        out = subprocess.run(  # a fixed command line
             [exe, "--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
@@ -123,7 +123,7 @@ def _torch(probe: bool) -> list[GpuInfo] | None:
     torch = sys.modules.get("torch")
     if torch is None and probe:
         try:
-            import torch  # type: ignore[no-redef]  # noqa: PLC0415 - on request only
+            import torch  # type: ignore[no-redef]  # on request only
         except ImportError:
             return None
     if torch is None:

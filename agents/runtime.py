@@ -397,7 +397,7 @@ class Agent:
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, self.config.health_host, self.config.health_port or 0)
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to read the port picked for port 0
+        server = site._server  # the only way to read the port picked for port 0
         port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
         self.health_url = f"http://{self.config.health_host}:{port}"
 

@@ -567,7 +567,7 @@ class SchedulingCore:
             else:
                 problems.append(f"{view.agent_id}: {problem}")
         count = len(fitting)
-        rank = lambda c: self.policy.rank(needs, c)  # noqa: E731
+        rank = lambda c: self.policy.rank(needs, c)
         fitting = sorted(fitting, key=rank) if limit is None else heapq.nsmallest(limit, fitting, key=rank)
         if not self._warm:
             return fitting, f"scheduler starting: waiting {self.config.warmup_s:g}s for agent heartbeats"

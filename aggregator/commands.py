@@ -264,7 +264,7 @@ def _login(server: str | None) -> tuple[str, Credentials | None]:
 def _require_role(creds: Credentials, roles: frozenset[Role], what: str) -> None:
     if creds.role not in roles:
         fail(f"{what} needs a credential of role {' or '.join(sorted(roles))}; {creds.id!r} is a {creds.role} "
-             f"(fedbus creds issue {sorted(roles)[-1]} ID --out FILE, then --creds FILE)", EXIT_NOPERM)
+             f"(fedbus creds issue {max(roles)} ID --out FILE, then --creds FILE)", EXIT_NOPERM)
 
 
 @fl.command("client")

@@ -256,7 +256,7 @@ def parse_config(raw: Any, *, source: str = "") -> FlConfig:
     unknown = set(raw) - _TOP
     if unknown:
         raise ConfigError(
-            f"unknown key (known: {', '.join(sorted(_TOP))})", key=sorted(unknown)[0], source=source
+            f"unknown key (known: {', '.join(sorted(_TOP))})", key=min(unknown), source=source
         )
     try:
         round_raw = dict(_section(raw, "round", source))

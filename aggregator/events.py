@@ -29,6 +29,7 @@ from fedbus.bus.events import Event, Params, event
 from fedbus.bus.roles import Id
 
 __all__ = [
+    "OBJECT_NAME_PATTERN",
     "ClientHeartbeat",
     "ClientJoin",
     "ClientLeave",
@@ -36,7 +37,6 @@ __all__ = [
     "GlobalModel",
     "ModelRef",
     "ModelUpdate",
-    "OBJECT_NAME_PATTERN",
     "ObjectName",
     "RoundClose",
     "RoundInvite",

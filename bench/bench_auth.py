@@ -176,7 +176,7 @@ def main() -> None:
             authority.apply()
             modes = [Mode("insecure", open_server.url, None, None), Mode("secure", secure_server.url, pub, sub)]
             if args.uvloop:
-                import uvloop  # noqa: PLC0415 - optional
+                import uvloop  # optional
 
                 uvloop.run(run(modes, args.messages, args.rounds))
             else:

@@ -79,11 +79,11 @@ async def child_native(url: str, src: Path, dst: Path) -> dict[str, Any]:
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=30)
     store = await js.create_object_store("benchnative")
-    with open(src, "rb") as fh:
+    with open(src, "rb") as fh:  # noqa: ASYNC230 - measures nats-py's own file API, which takes a file
         start = time.perf_counter()
         await store.put("blob", fh)
         put_s = time.perf_counter() - start
-    with open(dst, "wb") as fh:
+    with open(dst, "wb") as fh:  # noqa: ASYNC230 - as above
         start = time.perf_counter()
         await store.get("blob", writeinto=fh)  # digest checked by nats-py
         get_s = time.perf_counter() - start

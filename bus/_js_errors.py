@@ -102,7 +102,7 @@ def translate(exc: BaseException, *, store: str = "the stream") -> BaseException
     try:
         with map_exceptions(_ERRORS):
             raise exc
-    except BaseException as mapped_exc:  # we return what map_exceptions made of it
+    except BaseException as mapped_exc:  # noqa: BLE001 - we return what map_exceptions made of it
         return mapped_exc
 
 

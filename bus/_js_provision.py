@@ -12,6 +12,7 @@ stream's ``max_bytes`` (a small disk), the stream gets the most it can reserve, 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ async def _provision(owner: JetStream, limits: StorageLimits, events: Iterable[t
         outcomes.append(await _provision_kv(owner, bucket, kv_limits))
     for bucket, obj_limits in sorted({**limits.objects}.items()):
         wanted = object_stream_config(owner, bucket, object_subjects(bucket), obj_limits)
-        outcomes.append(await _apply(owner, wanted, lambda c, ol=obj_limits: _with_object_limits(c, ol)))
+        outcomes.append(await _apply(owner, wanted, functools.partial(_with_object_limits, limits=obj_limits)))
     for outcome in outcomes:
         log.info("provisioned", stream=outcome.name, action=outcome.action, max_bytes=outcome.max_bytes)
     return [o.line() for o in outcomes]

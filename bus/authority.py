@@ -135,7 +135,7 @@ class Authority:
     def init(self, *, host: str = "127.0.0.1", names: Iterable[str] = ()) -> bool:
         """Make the CA, the server certificate and the admin credential when missing; idempotent.
         Returns whether this was the first start."""
-        from .pki import server_names  # noqa: PLC0415
+        from .pki import server_names
 
         first = not self.exists
         self.pki.ensure([*server_names(host), *names])

@@ -51,7 +51,7 @@ def find_nats_server() -> str:
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    import ctypes  # noqa: PLC0415
+    import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
@@ -123,7 +123,7 @@ class NatsServer:
     @property
     def client_host(self) -> str:
         """Where a client on this machine reaches the server (the wildcard binds are reached on loopback)."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def url(self) -> str:
@@ -221,9 +221,11 @@ class NatsServer:
             logfile = self.data_dir / f"{self.server_name}.log"
             offset = logfile.stat().st_size if logfile.exists() else 0
             with open(logfile, "ab") as out:
-                self._proc = subprocess.Popen(  # noqa: S603 - our own binary and config
+                self._proc = subprocess.Popen(  # our own binary and config
                     [find_nats_server(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None,
+                    start_new_session=True,
+                    # only prctl(PR_SET_PDEATHSIG), which nothing but the child itself can ask for
+                    preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
                 )
             try:
                 self._wait_ready(logfile)
@@ -349,7 +351,7 @@ class NatsCluster:
             conf = node.data_dir / f"{node.server_name}.conf"
             conf.write_text(node.config_text())
             with open(node.data_dir / f"{node.server_name}.log", "ab") as out:
-                node._proc = subprocess.Popen(  # noqa: S603
+                node._proc = subprocess.Popen(
                     [find_nats_server(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )

@@ -22,7 +22,7 @@ __all__ = [
 
 
 @event("bus", "heartbeat", key="agent_id", pub=_EVERYONE_SELF, sub=("scheduler", "observer"))
-class Heartbeat(Event):
+class Heartbeat(Event, frozen=True):
     """An agent is alive. Unsigned, not durable: a missed one is replaced by the next."""
 
     agent_id: str
@@ -32,7 +32,7 @@ class Heartbeat(Event):
 
 
 @event("bus", "ping", key="agent_id", sub=_EVERYONE_SELF)
-class Ping(Event):
+class Ping(Event, frozen=True):
     """A request to the agent ``agent_id``; it answers with a :class:`Pong`."""
 
     agent_id: str
@@ -40,7 +40,7 @@ class Ping(Event):
 
 
 @event("bus", "pong", key="agent_id", pub=_EVERYONE_SELF)
-class Pong(Event):
+class Pong(Event, frozen=True):
     """The answer to a :class:`Ping`; ``agent_id`` is the agent that answers."""
 
     agent_id: str
@@ -49,7 +49,7 @@ class Pong(Event):
 
 
 @event("bus", "notice", key="agent_id", signed=True, pub=("scheduler:self",), sub=_DAEMONS)
-class Notice(Event):
+class Notice(Event, frozen=True):
     """An authenticated announcement; strict buses drop it unless signed by a trusted key."""
 
     agent_id: str
@@ -57,7 +57,7 @@ class Notice(Event):
 
 
 @event("bus", "record", key="topic", durable=True)
-class Record(Event):
+class Record(Event, frozen=True):
     """A fact that must not be lost: stored in a JetStream stream, re-readable with ``fedbus replay``.
     Admin only (operators' notes from the CLI)."""
 
@@ -67,7 +67,7 @@ class Record(Event):
 
 
 @event("edge", "status", key="device_id", pub=("device:self",), sub=("scheduler", "observer"))
-class EdgeStatus(Event):
+class EdgeStatus(Event, frozen=True):
     """An edge device's presence, retained on its MQTT status topic: ``online`` when it connects, and
     ``online=False`` as its last will (published by the broker when the device vanishes) or when it closes.
     Unsigned: the will is sent by the broker at an unknown later time, outside any replay window."""
@@ -88,7 +88,7 @@ class MetricPoint(msgspec.Struct, kw_only=True, frozen=True):
 
 
 @event("edge", "metrics", key="device_id", pub=("device:self",), sub=("observer",))
-class EdgeMetrics(Event):
+class EdgeMetrics(Event, frozen=True):
     """A batch of telemetry points from an edge device (the SDK flushes every N points or T seconds).
     ``seq`` counts the device's batches; the envelope id is the batch's idempotency key."""
 

@@ -38,7 +38,7 @@ def load_events(catalogue: Catalogue = CATALOGUE) -> Catalogue:
     for ep in entry_points(group="fedbus.events"):
         try:
             ep.load()
-        except Exception as exc:  # a broken plugin must not take the inspector down with it
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the inspector down with it
             log.warning("cannot load event types", entry_point=ep.name, module=ep.value, error=str(exc))
     return catalogue
 

@@ -32,13 +32,13 @@ from .client import Security
 from .codec import Codec, Envelope, new_id
 from .connect import connect, transport_for
 from .console import EXIT_FAILURE, configure_logging, err, fail, out, run_async
+from .creds_cli import context_cmd, creds_group
 from .errors import ConfigError, FedbusError
 from .inspector import Snapshot, replay, stats, tail
 from .render import format_time, frame_record, human_line, json_line
 from .signing import AgentKey
-from .creds_cli import context_cmd, creds_group
-from .up_cli import up
 from .stores import StreamStats
+from .up_cli import up
 
 __all__ = ["COMMANDS"]
 
@@ -152,7 +152,7 @@ def publish_cmd(target: str, server: str, data: str, event_type: str | None, key
             if bus.transport.name != "nats":
                 raise ConfigError(f"{subject} is stored durably: publish it over NATS (a nats:// --server), "
                                   "which confirms that it was stored", key="server")
-            from .stores import open_stores  # noqa: PLC0415
+            from .stores import open_stores
 
             ack = await (await open_stores(bus)).event_log().publish_envelope(env, subject=subject)
             err.print(f"stored in {ack.stream} at seq {ack.seq}" + (" (a duplicate)" if ack.duplicate else ""))
@@ -199,7 +199,7 @@ def stats_cmd(pattern: str, server: str, interval: float, count: int | None, top
 
     async def main() -> None:
         async with transport_for(server, client_id=_client_id("fedbus-stats"), persistent=False) as transport:
-            ready = lambda: err.print(f"stats: listening on {pattern} at {transport.url}")  # noqa: E731
+            ready = lambda: err.print(f"stats: listening on {pattern} at {transport.url}")
             if as_json:
                 await stats(transport, pattern, interval=interval, count=count, on_ready=ready,
                             emit=lambda snap: click.echo(json.dumps(snap.to_dict())))
@@ -339,6 +339,6 @@ def events_cmd(prefix: str, as_json: bool) -> None:
 COMMANDS: list[click.Command] = [up, context_cmd, creds_group, tail_cmd, publish_cmd, stats_cmd, streams_cmd, replay_cmd, events_cmd]
 """The commands this package adds to ``fedbus`` (the ``fedbus.cli`` entry point)."""
 
-from .deadletter_cli import dead_letters_cmd  # noqa: E402 - listed last, beside the list it joins
+from .deadletter_cli import dead_letters_cmd  # listed last, beside the list it joins
 
 COMMANDS.append(dead_letters_cmd)

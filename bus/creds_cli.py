@@ -48,7 +48,7 @@ def _authority(data_dir: Path | None) -> Authority:
         if context is None or not context.data_dir:
             fail("no broker data dir: run `fedbus up` first, or pass --data-dir", EXIT_USAGE)
         data_dir = Path(context.data_dir)
-    from .authority import Authority  # noqa: PLC0415
+    from .authority import Authority
 
     authority = Authority(data_dir)
     if not authority.exists:
@@ -62,7 +62,7 @@ def _apply(authority: Authority) -> str:
     reloaded = authority.apply(CATALOGUE)
     servers = authority.servers()
     if servers.get("nats"):
-        from .up_cli import _provision  # noqa: PLC0415
+        from .up_cli import _provision
 
         with contextlib.suppress(FedbusError, OSError):
             asyncio.run(_provision(authority, servers["nats"]))
@@ -121,7 +121,7 @@ def list_cmd(as_json: bool, data_dir: Path | None) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     table = Table("id", "role", "state", "key id", "issued", "expires", box=None)
     for r in rows:
@@ -147,7 +147,7 @@ def revoke_cmd(ident: str, data_dir: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def context_cmd(as_json: bool) -> None:
     """Which broker commands on this machine talk to, and as whom."""
-    from .connect import resolve  # noqa: PLC0415
+    from .connect import resolve
 
     try:
         url, creds = resolve(None)

@@ -29,7 +29,7 @@ way to new ones), and so is each dead letter (:class:`DeadLetterLimits`). Dead l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -39,7 +39,7 @@ from .codec import Codec
 from .errors import FedbusError, NotFound
 from .events import Event, event
 from .roles import Id
-from .stores import AckableDelivery, EventLog, RejectHook, Stores, StoredEvent, stream_name
+from .stores import AckableDelivery, EventLog, RejectHook, StoredEvent, Stores, stream_name
 
 __all__ = ["DEAD_STREAM", "DeadLetter", "DeadLetterLimits", "DeadLetters", "RetryPolicy", "read_dead_letters"]
 
@@ -47,7 +47,7 @@ log = structlog.get_logger("fedbus.bus.deadletter")
 
 
 @event("dead", "letter", key="agent_id", durable=True, pub=("scheduler:self", "aggregator:self"), sub=())
-class DeadLetter(Event):
+class DeadLetter(Event, frozen=True):
     """A durable event that ``agent_id``'s consumer set aside: why, after how many attempts, and the event."""
 
     agent_id: Id
@@ -205,7 +205,7 @@ class DeadLetters:
         return True
 
 
-async def read_dead_letters(log_: EventLog) -> AsyncIterator[StoredEvent]:
+async def read_dead_letters(log_: EventLog) -> AsyncGenerator[StoredEvent, None]:
     """Every stored dead letter, oldest first (nothing when the stream does not exist yet)."""
     try:
         async for stored in log_.replay(DeadLetter.pattern()):

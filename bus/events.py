@@ -87,7 +87,7 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
             return subjects.join(subjects.PREFIX, spec.domain, spec.name)
         if key != "*":
             subjects.validate_token(key)
-        return ".".join((subjects.PREFIX, spec.domain, spec.name, key))
+        return f"{subjects.PREFIX}.{spec.domain}.{spec.name}.{key}"
 
 
 class Catalogue:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 import structlog
+
 from fedbus.edge_sdk import errors as edge_errors
 from fedbus.edge_sdk.link import LinkOptions, MqttLink, Route, Will
 

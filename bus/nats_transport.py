@@ -24,6 +24,7 @@ from . import subjects
 from .errors import (
     ClosedError,
     ConnectError,
+    FedbusError,
     FrameTooLarge,
     NoResponders,
     PublishTimeout,
@@ -37,7 +38,7 @@ __all__ = ["NatsTransport"]
 
 log = structlog.get_logger("fedbus.bus.nats")
 
-_ERRORS: dict[type[BaseException], type[Exception]] = {
+_ERRORS: dict[type[BaseException], type[FedbusError]] = {
     nats.errors.ConnectionClosedError: ClosedError,
     nats.errors.ConnectionDrainingError: ClosedError,
     nats.errors.NoServersError: ConnectError,
@@ -159,7 +160,7 @@ class NatsTransport(TransportBase):
                     self._nc = await self._connect_once()
                     self.connected.set()
                     return
-                except (nats.errors.Error, OSError, asyncio.TimeoutError) as failure:
+                except (TimeoutError, nats.errors.Error, OSError) as failure:
                     exc = self._connect_error or failure  # nats-py reports TLS and auth failures to error_cb
                     if _refused(exc):
                         raise ConnectError("the broker refused these credentials (authorization violation): "
@@ -196,7 +197,7 @@ class NatsTransport(TransportBase):
         connecting.cancel()
         with contextlib.suppress(BaseException):
             await connecting
-        raise self._connect_error or asyncio.TimeoutError()
+        raise self._connect_error or TimeoutError()
 
     async def _any_server_reachable(self) -> bool:
         for server in self._servers:
@@ -205,7 +206,7 @@ class NatsTransport(TransportBase):
                 _, writer = await asyncio.wait_for(
                     asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222),
                     self._options["connect_timeout"])
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 continue
             writer.close()
             return True
@@ -256,9 +257,9 @@ class NatsTransport(TransportBase):
             raise FrameTooLarge(len(data), nc.max_payload, subject=subject)
         try:
             await nc.publish(subject, data, reply=reply or "")
-        except (nats.errors.Error, OSError) as exc:
+        except (nats.errors.Error, OSError):
             with map_exceptions(_ERRORS):
-                raise exc
+                raise
 
     async def subscribe(
         self, pattern: str, *, queue: str | None = None, max_pending: int = 1024
@@ -296,7 +297,8 @@ class NatsTransport(TransportBase):
 
     async def flush(self, timeout: float = 5.0) -> None:
         with map_exceptions(_ERRORS):
-            await self.nc.flush(timeout=timeout)
+            # nats-py annotates `timeout: int` but only hands it to asyncio.wait_for: fractions work.
+            await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Drain (deliver what the server already sent us, flush what we published), then disconnect."""
@@ -307,7 +309,7 @@ class NatsTransport(TransportBase):
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), timeout=5.0)
-            except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
                 log.warning("drain incomplete; closing", error=str(exc))
             finally:
                 if not nc.is_closed:

@@ -32,12 +32,12 @@ class Bucket:
     readers: tuple[str, ...] = ()
 
     def stream(self, name: str) -> str:
-        from .limits import kv_stream, object_stream  # noqa: PLC0415
+        from .limits import kv_stream, object_stream
 
         return kv_stream(name) if self.kind == "kv" else object_stream(name)
 
     def write_subject(self, name: str, key: str = ">") -> str:
-        from .limits import OBJECT_PREFIX  # noqa: PLC0415
+        from .limits import OBJECT_PREFIX
 
         return f"$KV.{name}.{key}" if self.kind == "kv" else f"{OBJECT_PREFIX}.obj.{name}.>"
 
@@ -101,7 +101,7 @@ def grants_for(role: Role, ident: str, events: Iterable[type[Event]],
     """What credential ``ident`` of ``role`` may publish and subscribe to."""
     if role is Role.ADMIN:
         return Grants(publish=None, subscribe=None)
-    from .limits import stream_of  # noqa: PLC0415
+    from .limits import stream_of
 
     grants = Grants()
     inbox = inbox_prefix(ident)

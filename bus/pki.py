@@ -36,7 +36,7 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 def server_names(host: str) -> list[str]:
     """The names a server certificate for a broker bound to ``host`` should carry."""
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
-    if host not in ("", "0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding it
+    if host not in ("", "0.0.0.0", "::"):  # naming the wildcard, not binding it
         names.append(host)
     return list(dict.fromkeys(names))
 

@@ -103,14 +103,14 @@ def _wait_for_stop(alive: Callable[[], bool], every: Callable[[], None]) -> bool
 
 async def _provision(authority: Authority, url: str) -> None:
     """As admin: create every stream and bucket with its limits, and publish the identities."""
-    from .connect import connect  # noqa: PLC0415
-    from .creds import IDENTITIES_BUCKET  # noqa: PLC0415
-    from .stores import open_stores  # noqa: PLC0415
+    from .connect import connect
+    from .creds import IDENTITIES_BUCKET
+    from .stores import open_stores
 
     async with connect(url, source="fedbus-up", creds=authority.admin_creds(), persistent=False) as bus:
         stores = await open_stores(bus)
         with contextlib.suppress(ImportError):
-            from .limits import provision  # noqa: PLC0415
+            from .limits import provision
 
             await provision(stores)
         await sync_identities(authority, await stores.key_value(IDENTITIES_BUCKET))
@@ -118,7 +118,7 @@ async def _provision(authority: Authority, url: str) -> None:
 
 async def sync_identities(authority: Authority, bucket: object) -> None:
     """Make the identities bucket hold exactly the active credentials' identities."""
-    from .stores import KeyValue  # noqa: PLC0415
+    from .stores import KeyValue
 
     assert isinstance(bucket, KeyValue)
     active = {i.id: i for i in authority.identities()}
@@ -168,20 +168,19 @@ def up(nats_port: int, mqtt_port: int, no_mqtt: bool, data_dir: Path | None, siz
 
 def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, host: str,
          advertise: str | None, insecure: bool, as_json: bool, say: object) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from .authority import Authority  # noqa: PLC0415
-    from .broker import NatsCluster, NatsServer  # noqa: PLC0415
+    from .authority import Authority
+    from .broker import NatsCluster, NatsServer
 
     assert isinstance(say, Console)
     load_events()
     authority = None if insecure else Authority(data_dir)
     try:
         broker: NatsServer | NatsCluster
-        if authority is not None:
-            if authority.init(host=host, names=[advertise] if advertise else []):
-                say.print(f"made a CA, a server certificate and the admin credential in "
-                          f"{escape(str(authority.dir))}")
+        if authority is not None and authority.init(host=host, names=[advertise] if advertise else []):
+            say.print(f"made a CA, a server certificate and the admin credential in "
+                      f"{escape(str(authority.dir))}")
         options: dict[str, Any] = {"host": host, "port": nats_port, "mqtt_port": mqtt_port, "server_name": "fedbus",
                    "die_with_parent": True}
         if size == 1 and authority is not None:

@@ -4,8 +4,8 @@ It never imports ``fedbus.bus`` (nor msgspec, torch or structlog); ``cryptograph
 Envelopes are byte-identical to fedbus's typed codec, proven by the shared vectors in ``tests/vectors``.
 """
 
-from .creds import DeviceCreds
 from .client import SDK_VERSION, STATUS_TYPE, EdgeClient, EdgeSubscription, Received
+from .creds import DeviceCreds
 from .envelope import FrameLimits, decode_data, make_envelope, new_id, pack, signing_bytes, unpack
 from .errors import (
     BufferFull,
@@ -27,12 +27,12 @@ from .telemetry import METRICS_TYPE, MetricsBatcher
 from .topics import event_filter, event_topic
 
 __all__ = [
-    "DeviceCreds",
     "METRICS_TYPE",
     "SDK_VERSION",
     "STATUS_TYPE",
     "BufferFull",
     "ConnectFailed",
+    "DeviceCreds",
     "EdgeClient",
     "EdgeError",
     "EdgeSubscription",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import logging
 import os
@@ -51,7 +52,15 @@ log = logging.getLogger("fedbus.edge")
 
 SDK_VERSION = "fedbus-edge/0.1.0"
 STATUS_TYPE = "edge.status"
-_END = object()
+
+
+class _End(enum.Enum):
+    """The marker a subscription's queue ends with."""
+
+    END = enum.auto()
+
+
+_END = _End.END
 
 
 class Received(NamedTuple):
@@ -76,7 +85,7 @@ class EdgeSubscription:
         self.version = version
         self.dropped = 0
         self._client = client
-        self._queue: asyncio.Queue[tuple[str, bytes] | object] = asyncio.Queue(maxsize=max_pending)
+        self._queue: asyncio.Queue[tuple[str, bytes] | _End] = asyncio.Queue(maxsize=max_pending)
         self._route: Route | None = None
         self._ended = False
 
@@ -109,10 +118,10 @@ class EdgeSubscription:
         while True:
             remaining = None if deadline is None else max(deadline - loop.time(), 1e-6)
             item = await asyncio.wait_for(self._queue.get(), remaining)
-            if item is _END:
+            if isinstance(item, _End):
                 self._queue.put_nowait(_END)
                 raise LinkClosed(f"subscription {self.topic_filter!r} has ended")
-            topic, payload = item  # type: ignore[misc]
+            topic, payload = item
             received = self._client._accept(topic, payload, self.event_type, self.version)
             if received is not None:
                 return received

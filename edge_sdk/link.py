@@ -34,13 +34,16 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
 from .errors import BufferFull, ConnectFailed, LinkClosed, LinkError, PublishFailed, SubscribeFailed
 from .topics import PREFIX, filter_covers, shared_filter, split_shared, topic_matches
+
+if TYPE_CHECKING:
+    from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = ["Deliver", "LinkOptions", "MqttLink", "Route", "Will", "minimal_cover", "parse_url"]
 
@@ -262,7 +265,7 @@ class MqttLink:
                         extra={"client_id": self.options.client_id, "url": self.url})
         self._ready.clear()
 
-    async def __aenter__(self) -> MqttLink:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -309,11 +312,9 @@ class MqttLink:
                 return
             attempt += 1
             first = self._first
-            if first is not None and not first.done():
-                if attempt >= self.options.initial_attempts:
-                    first.set_exception(ConnectFailed(f"cannot connect after {attempt} attempts: {reason}",
-                                                      url=self.url))
-                    return
+            if first is not None and not first.done() and attempt >= self.options.initial_attempts:
+                first.set_exception(ConnectFailed(f"cannot connect after {attempt} attempts: {reason}", url=self.url))
+                return
             delay = self._backoff(attempt)
             log.warning("MQTT connection lost or refused (%s); retrying in %.2fs", reason, delay,
                         extra={"client_id": self.options.client_id, "url": self.url, "attempt": attempt})
@@ -367,11 +368,11 @@ class MqttLink:
         self, client: aiomqtt.Client, filters: list[str], *, strict: bool = True
     ) -> None:
         watch = _CancelWatch()
-        codes = await client.subscribe([(f, self.options.qos) for f in filters],
+        codes: Sequence[int | ReasonCode] = await client.subscribe([(f, self.options.qos) for f in filters],
                                        timeout=self.options.publish_timeout)
         watch.reraise()
         for topic_filter, code in zip(filters, codes, strict=False):
-            value = int(getattr(code, "value", code))
+            value = code if isinstance(code, int) else code.value
             if value < 0x80:
                 continue
             if strict:

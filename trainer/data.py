@@ -85,7 +85,7 @@ def split(ds: Dataset, *, test_fraction: float, seed: int) -> tuple[Dataset, Dat
     for c in range(ds.classes):
         idx = np.flatnonzero(ds.y == c)
         rng.shuffle(idx)
-        test.extend(idx[: int(round(test_fraction * idx.size))].tolist())
+        test.extend(idx[: round(test_fraction * idx.size)].tolist())
     mask = np.zeros(len(ds), bool)
     mask[test] = True
     return ds.subset(np.flatnonzero(~mask)), ds.subset(np.flatnonzero(mask))

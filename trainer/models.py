@@ -17,7 +17,7 @@ class _Cnn(nn.Module):
 
     def __init__(self, features: int, classes: int, channels: int) -> None:
         super().__init__()
-        self.side = int(round(features**0.5))
+        self.side = round(features**0.5)
         if self.side * self.side != features:
             raise ConfigError(f"cnn needs square images, got {features} features", key="model.name")
         self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
