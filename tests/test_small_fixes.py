@@ -128,6 +128,7 @@ def _fake_pynvml(monkeypatch: pytest.MonkeyPatch, *, init_fails: bool) -> None:
     fake.nvmlDeviceGetCount = count  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr("shutil.which", lambda name: None)  # no nvidia-smi either
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # nor a torch another test imported
 
 
 @pytest.mark.parametrize("init_fails", [True, False])
