@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import click
 
+from .connect import DEFAULT_URL
 from .console import configure_logging
 
-__all__ = ["DEFAULT_SERVER", "main", "server_option"]
+__all__ = ["main", "server_option"]
 
-DEFAULT_SERVER = "nats://127.0.0.1:4222"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -42,7 +42,7 @@ def server_option(func: F) -> F:
     return click.option(
         "--server", "server", envvar="FEDBUS_SERVER", default=None, show_envvar=True,
         help=f"Broker URL (tls://host:port[,…], nats://…, mqtts://… or mqtt://…). [default: the context's, "
-             f"else {DEFAULT_SERVER}]",
+             f"else {DEFAULT_URL}]",
     )(func)
 
 

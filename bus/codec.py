@@ -21,6 +21,7 @@ Limits are checked before anything is decoded.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import msgspec
 from .errors import CodecError, FrameTooLarge, MalformedFrame, SchemaError
 from .events import CATALOGUE, Catalogue, Event
 
-__all__ = ["Codec", "Envelope", "Limits", "new_id", "signing_bytes"]
+__all__ = ["Codec", "Envelope", "Limits", "field_of", "new_id", "signing_bytes"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits → 2 characters
@@ -179,7 +180,7 @@ class Codec:
         try:
             return decoder.decode(env.data)
         except msgspec.ValidationError as exc:
-            raise SchemaError(str(exc), event_type=env.type, field=_field_of(exc), subject=subject) from None
+            raise SchemaError(str(exc), event_type=env.type, field=field_of(exc), subject=subject) from None
         except (msgspec.MsgspecError, ValueError) as exc:
             raise SchemaError(f"payload is not valid msgpack: {exc}", event_type=env.type, subject=subject) from None
 
@@ -198,13 +199,25 @@ class Codec:
         return obj
 
 
-def _field_of(exc: msgspec.ValidationError) -> str | None:
-    """Pull the field path out of msgspec's message, e.g. ``... - at `$.gpus` `` → ``gpus``."""
-    message = str(exc)
-    marker = "at `$."
-    if marker in message:
-        return message.split(marker, 1)[1].split("`", 1)[0]
-    return None
+_NAMED_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`")
+_AT = re.compile(r" - at `(?:key` in `)?\$\.?([^`]*)`$")
+
+
+def field_of(error: msgspec.ValidationError | str) -> str | None:
+    """The field a msgspec validation error is about, as a path from the top of the object; ``None`` when
+    the whole value is wrong.
+
+    ``Expected `int`, got `str` - at `$.gpus` `` → ``gpus``; ``... - at `$.lines[0].text` `` →
+    ``lines[0].text``; ``Object missing required field `price` - at `$.capacity` `` → ``capacity.price``.
+    Every place that turns a ``msgspec.ValidationError`` into a fedbus error names the field with this.
+    """
+    message = str(error)
+    at = _AT.search(message)
+    path = at.group(1) if at else ""
+    named = _NAMED_FIELD.match(message)
+    if named:
+        return f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or None
 
 
 def _check_depth(obj: Any, limit: int) -> None:

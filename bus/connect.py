@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+"""The broker a client talks to when no URL, creds file or ``fedbus up`` context names one (the only copy)."""
 _NATS_SCHEMES = frozenset({"nats", "tls"})
 _MQTT_SCHEMES = frozenset({"mqtt", "mqtts"})
 

@@ -408,6 +408,21 @@ async def test_demo_runs_and_exits_0() -> None:
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------
+def test_server_help_names_the_one_default_url() -> None:
+    import click
+
+    from fedbus.bus.cli import server_option
+    from fedbus.bus.connect import DEFAULT_URL
+
+    @server_option
+    @click.command()
+    def cmd(server: str | None) -> None: ...
+
+    (option,) = [p for p in cmd.params if p.name == "server"]
+    assert DEFAULT_URL == "nats://127.0.0.1:4222"
+    assert f"else {DEFAULT_URL}]" in (option.help or "")
+
+
 def test_parse_since_takes_relative_and_iso_times() -> None:
     now = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
     assert parse_since("10m", now=now) == now - timedelta(minutes=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +33,21 @@ class SampleV2(Event):
     node: str
     gpus: int
     memory_gb: float = 0.0
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    gpus: int
+    price_per_hour: float
+
+
+class Line(msgspec.Struct, frozen=True):
+    text: str
+
+
+@event("test", "nested", catalogue=CAT)
+class Nested(Event):
+    capacity: Capacity
+    lines: list[Line] = []
 
 
 @pytest.fixture
@@ -72,8 +88,33 @@ def test_schema_error_names_the_field(codec: Codec) -> None:
 def test_missing_required_field_is_named(codec: Codec) -> None:
     env = codec.envelope(Sample(node="n1", gpus=1), source="a")
     env.data = msgpack.packb({"node": "n1"})
-    with pytest.raises(SchemaError, match="gpus"):
+    with pytest.raises(SchemaError, match="gpus") as info:
         codec.decode(env)
+    assert info.value.field == "gpus"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"capacity": {"gpus": 1, "price_per_hour": "cheap"}}, "capacity.price_per_hour"),
+        ({"capacity": {"gpus": 1}}, "capacity.price_per_hour"),  # missing, one level down
+        ({"capacity": {"gpus": 1, "price_per_hour": 2.0}, "lines": [{"text": "a"}, {"text": 7}]}, "lines[1].text"),
+    ],
+)
+def test_nested_bad_value_names_its_path(codec: Codec, data: dict[str, object], field: str) -> None:
+    env = codec.envelope(Nested(capacity=Capacity(gpus=1, price_per_hour=1.0)), source="a")
+    env.data = msgpack.packb(data)
+    with pytest.raises(SchemaError) as info:
+        codec.decode(env)
+    assert info.value.field == field
+
+
+def test_a_wrong_whole_payload_names_no_field(codec: Codec) -> None:
+    env = codec.envelope(Sample(node="n1", gpus=1), source="a")
+    env.data = msgpack.packb([1, 2])
+    with pytest.raises(SchemaError) as info:
+        codec.decode(env)
+    assert info.value.field is None
 
 
 def test_unknown_type_and_version(codec: Codec) -> None:
