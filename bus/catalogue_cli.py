@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from . import subjects
+from .codec import field_of
 from .errors import ConfigError, SchemaError, UnknownEventType
 from .events import CATALOGUE, Catalogue, Event
 
@@ -152,7 +153,7 @@ def parse_data(cls: type[Event], text: str, *, key: str | None = None) -> Event:
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
-        raise SchemaError(str(exc), event_type=spec.type, field=_field_of(str(exc))) from None
+        raise SchemaError(str(exc), event_type=spec.type, field=field_of(exc)) from None
 
 
 def event_for(target: str, event_type: str | None, data: str, *, key: str | None = None,
@@ -187,10 +188,3 @@ def event_for(target: str, event_type: str | None, data: str, *, key: str | None
         raise UnknownEventType(target, 1)
     event = parse_data(cls, data, key=key)
     return event, event.subject()
-
-
-def _field_of(message: str) -> str | None:
-    for marker in ("at `$.", "required field `"):
-        if marker in message:
-            return message.split(marker, 1)[1].split("`", 1)[0]
-    return None
