@@ -11,7 +11,6 @@ buffers, so an update is folded at most once whichever buffer it arrives in.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,13 +18,11 @@ from fedbus.bus.events import Params
 
 from . import blobs
 from .errors import RoundError, UpdateRejected
-from .events import ModelUpdate, RoundClose, RoundStart
+from .events import ModelUpdate, RoundStart
+from .host import RoundHost
 from .round import Verdict, weighted_metrics
 from .state import RoundProgress
 from .strategies import Aggregate, Update, staleness_weight
-
-if TYPE_CHECKING:
-    from .server import Aggregator
 
 __all__ = ["AsyncRounds"]
 
@@ -38,16 +35,16 @@ def _base(key: str) -> int:
 class AsyncRounds:
     """Runs the remaining versions of an asynchronous run."""
 
-    def __init__(self, agg: Aggregator) -> None:
+    def __init__(self, agg: RoundHost) -> None:
         self.agg = agg
 
     async def run(self) -> None:
         agg, s = self.agg, self.agg.settings
-        await agg._wait_for_clients(s.min_available)
+        await agg.wait_for_clients(s.min_available)
         while agg.state.round <= s.rounds:
             await self._one(agg.state.round)
         agg.state.finished = True
-        await agg._checkpoint(force=True)
+        await agg.checkpoint(force=True)
 
     async def _one(self, rnd: int) -> None:
         agg, s = self.agg, self.agg.settings
@@ -72,7 +69,7 @@ class AsyncRounds:
                 round=rnd,
                 kind="fit",
                 version=agg.state.version,
-                model=agg._model_ref(),
+                model=agg.model_ref(),
                 deadline_s=s.timeout_s,
                 config={**agg.client_config, **agg.strategy.configure(rnd)},
                 open=True,
@@ -82,7 +79,7 @@ class AsyncRounds:
         staleness: list[int] = []
         idle_deadline = agg.clock() + s.timeout_s
         while aggregate.count < s.buffer_size:
-            delivery = await agg._next(idle_deadline)
+            delivery = await agg.next_delivery(idle_deadline)
             if delivery is None:
                 if agg.clock() >= idle_deadline:
                     raise RoundError(
@@ -93,7 +90,7 @@ class AsyncRounds:
                     )
                 continue
             match delivery.event:
-                case ModelUpdate() as u if agg._genuine(delivery, u.client_id):
+                case ModelUpdate() as u if agg.genuine(delivery, u.client_id):
                     tau = await self._fold(aggregate, u, seen)
                     if tau is None:
                         continue
@@ -102,7 +99,7 @@ class AsyncRounds:
                     idle_deadline = agg.clock() + s.timeout_s
                     agg.state.progress.received = seen
                     agg.state.progress.aggregate = aggregate.state()
-                    await agg._checkpoint()
+                    await agg.checkpoint()
                 case _:
                     pass
         metrics: Params = {
@@ -113,25 +110,15 @@ class AsyncRounds:
         new_model = agg.strategy.finish(agg.model, aggregate)
         if agg.evaluate_fn is not None:
             metrics.update(await asyncio.to_thread(agg.evaluate_fn, new_model))
-        await agg._new_version(new_model, metrics, round=rnd)
-        await agg.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=rnd,
-                kind="fit",
-                status="ok",
-                version=agg.state.version,
-                received=sorted(aggregate.clients),
-                duration_s=agg.clock() - started,
-                metrics=metrics,
-            )
+        await agg.finish_round(
+            rnd, model=new_model, metrics=metrics, received=sorted(aggregate.clients), started=started
         )
         agg.state.history.append(metrics)
         agg.state.round = rnd + 1
         agg.state.progress = RoundProgress(  # an empty buffer that remembers what was folded
             round=rnd + 1, attempt=0, sampled=[], received=seen, started_version=agg.state.version
         )
-        await agg._checkpoint(force=True)
+        await agg.checkpoint(force=True)
 
     async def _fold(self, aggregate: Aggregate, u: ModelUpdate, seen: list[str]) -> int | None:
         """Fold one update into the buffer; its staleness, or ``None`` when it was refused."""
@@ -139,17 +126,17 @@ class AsyncRounds:
         key = f"{u.client_id}@{u.base_version}"
         tau = agg.state.version - u.base_version
         if key in seen:
-            await agg._refuse(u.round, u.client_id, Verdict.DUPLICATE)
+            await agg.refuse(u.round, u.client_id, Verdict.DUPLICATE)
             return None
         if tau < 0 or tau > s.max_staleness:
-            await agg._refuse(u.round, u.client_id, Verdict.STALE, f"staleness {tau}")
+            await agg.refuse(u.round, u.client_id, Verdict.STALE, f"staleness {tau}")
             return None
         try:
             delta = await blobs.fetch(
                 u.update, store=agg.store, length=agg.dim, within=f"{s.run_id}/update/{u.round}/"
             )
         except UpdateRejected as exc:
-            await agg._refuse(u.round, u.client_id, exc.reason, str(exc))
+            await agg.refuse(u.round, u.client_id, exc.reason, str(exc))
             return None
         aggregate.fold(
             Update(u.client_id, delta, max(u.num_examples, 1), staleness=tau),

@@ -8,7 +8,7 @@ aggregator re-runs it with fresh keys).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +18,6 @@ from fedbus.bus.events import Params
 from . import blobs
 from .errors import SecAggError, UpdateRejected
 from .events import (
-    RoundClose,
     RoundStart,
     SecAggAdvertise,
     SecAggInbox,
@@ -29,12 +28,10 @@ from .events import (
     SecAggShares,
     SecAggUnmask,
 )
+from .host import RoundHost
 from .round import weighted_metrics
 from .secagg import SecAggServer
 from .strategies import MeanAggregate
-
-if TYPE_CHECKING:
-    from .server import Aggregator
 
 __all__ = ["SecureRound"]
 
@@ -42,7 +39,7 @@ __all__ = ["SecureRound"]
 class SecureRound:
     """Runs one secure round for an :class:`~fedbus.aggregator.server.Aggregator`."""
 
-    def __init__(self, agg: Aggregator, rnd: int, attempt: int, sampled: list[str]) -> None:
+    def __init__(self, agg: RoundHost, rnd: int, attempt: int, sampled: list[str]) -> None:
         assert agg.secure is not None
         self.agg = agg
         self.round = rnd
@@ -63,7 +60,7 @@ class SecureRound:
             alive_pending = {c for c in expected if agg.registry.is_alive(c, agg.clock())}
             if not alive_pending or (done is not None and done()):
                 return
-            delivery = await agg._next(deadline)
+            delivery = await agg.next_delivery(deadline)
             if delivery is not None and await handle(delivery):
                 expected.discard(delivery.event.client_id)
 
@@ -72,7 +69,7 @@ class SecureRound:
         if (
             isinstance(event, cls)
             and event.round == self.round  # type: ignore[attr-defined]
-            and self.agg._genuine(delivery, event.client_id)
+            and self.agg.genuine(delivery, event.client_id)
         ):  # type: ignore[attr-defined]
             return event
         return None
@@ -89,7 +86,7 @@ class SecureRound:
                 round=self.round,
                 kind="fit",
                 version=agg.state.version,
-                model=agg._model_ref(),
+                model=agg.model_ref(),
                 deadline_s=s.timeout_s,
                 config=config,
                 attempt=self.attempt,
@@ -121,17 +118,12 @@ class SecureRound:
             mean_delta, survivors = self.server.unmask()
         except SecAggError as exc:
             self.log.warning("secure round failed", error=str(exc))
-            await agg.publish(
-                RoundClose(
-                    run_id=s.run_id,
-                    round=self.round,
-                    kind="fit",
-                    status="failed",
-                    version=agg.state.version,
-                    received=list(self.server.survivors),
-                    duration_s=agg.clock() - started,
-                    metrics={"error": str(exc)},
-                )
+            await agg.finish_round(
+                self.round,
+                status="failed",
+                received=self.server.survivors,
+                started=started,
+                metrics={"error": str(exc)},
             )
             return None
         holder = MeanAggregate(agg.dim)
@@ -147,19 +139,13 @@ class SecureRound:
             "rejected": 0,
             "secagg_revealers": len(self.server.revealers),
         }
-        await agg._new_version(new_model, metrics, round=self.round)
-        await agg.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=self.round,
-                kind="fit",
-                status="ok",
-                version=agg.state.version,
-                received=sorted(self.server.survivors),
-                dropped=dropped,
-                duration_s=agg.clock() - started,
-                metrics=metrics,
-            )
+        await agg.finish_round(
+            self.round,
+            model=new_model,
+            metrics=metrics,
+            received=sorted(self.server.survivors),
+            dropped=dropped,
+            started=started,
         )
         self.log.info(
             "secure round closed",
@@ -176,7 +162,7 @@ class SecureRound:
             try:
                 self.server.advertised(e.client_id, e.enc_key, e.mask_key, e.num_examples)
             except SecAggError as exc:
-                await self.agg._refuse(self.round, e.client_id, "bad_secagg", str(exc))
+                await self.agg.refuse(self.round, e.client_id, "bad_secagg", str(exc))
                 return False
             return True
 
@@ -191,7 +177,7 @@ class SecureRound:
             try:
                 routed = self.server.route(e.client_id, e.ciphertexts)
             except SecAggError as exc:
-                await self.agg._refuse(self.round, e.client_id, "bad_secagg", str(exc))
+                await self.agg.refuse(self.round, e.client_id, "bad_secagg", str(exc))
                 return False
             for dst, blob in routed.items():
                 inboxes[dst][e.client_id] = blob
@@ -222,7 +208,7 @@ class SecureRound:
                 )
                 self.server.add_masked(e.client_id, np.asarray(y, np.uint32))
             except (UpdateRejected, SecAggError) as exc:
-                await self.agg._refuse(
+                await self.agg.refuse(
                     self.round, e.client_id, getattr(exc, "reason", "bad_secagg"), str(exc)
                 )
                 return False
@@ -254,7 +240,7 @@ class SecureRound:
             try:
                 self.server.add_reveal(e.client_id, e.seed_shares, e.key_shares)
             except SecAggError as exc:
-                await self.agg._refuse(self.round, e.client_id, "bad_secagg", str(exc))
+                await self.agg.refuse(self.round, e.client_id, "bad_secagg", str(exc))
                 return False
             return True
 

@@ -24,7 +24,7 @@ metrics in :class:`RoundClose`), so the amplification the accountant counts on h
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from .events import (
     GlobalModel,
     ModelRef,
     ModelUpdate,
+    RoundClose,
     RoundInvite,
     RoundStart,
     RunFinished,
@@ -168,7 +169,7 @@ class Aggregator:
                     )
                 )
                 raise
-            ref = self._model_ref()
+            ref = self.model_ref()
             await self.publish(
                 RunFinished(
                     run_id=self.settings.run_id,
@@ -210,7 +211,7 @@ class Aggregator:
         if saved is None:
             self.state.model_object = await self.states.save_model(0, self.model, {"round": 0})
             self.state.model_sha256 = blobs.sha256_of(self.model)
-            await self._checkpoint(force=True)
+            await self.checkpoint(force=True)
             self.log.info(
                 "run started", rounds=self.settings.rounds, dim=self.dim, strategy=self.strategy.name
             )
@@ -230,7 +231,8 @@ class Aggregator:
             "run resumed", round=saved.round, version=saved.version, in_progress=saved.progress is not None
         )
 
-    async def _checkpoint(self, *, force: bool = False) -> None:
+    async def checkpoint(self, *, force: bool = False) -> None:
+        """Save the run state, at most once per ``checkpoint_interval_s`` unless ``force``."""
         now = self.clock()
         if not force and now - self._last_checkpoint < self.settings.checkpoint_interval_s:
             return
@@ -241,31 +243,42 @@ class Aggregator:
         await self.states.save(self.state)
         self._last_checkpoint = now
 
-    def _model_ref(self) -> ModelRef:
+    def model_ref(self) -> ModelRef:
+        """The current global model: inline up to ``inline_limit`` bytes, else its object in the store."""
         data_bytes = self.model.nbytes
         if data_bytes <= self.settings.inline_limit:
             return ModelRef(sha256=self.state.model_sha256, length=self.dim, inline=self.model.tobytes())
         return ModelRef(sha256=self.state.model_sha256, length=self.dim, object=self.state.model_object)
 
-    async def _new_version(self, model: Vector, metrics: Params, *, round: int) -> None:
-        """Adopt, store (lineage) and announce a new global model."""
-        self.model = model
-        self.state.version += 1
-        metrics = {"round": round, "version": self.state.version, **metrics}
-        self.state.model_object = await self.states.save_model(self.state.version, model, metrics)
-        self.state.model_sha256 = blobs.sha256_of(model)
-        await self.publish(
-            GlobalModel(
-                run_id=self.settings.run_id,
-                version=self.state.version,
-                round=round,
-                model=self._model_ref(),
-                metrics=metrics,
-            )
-        )
+    async def finish_round(
+        self, round: int, *, kind: str = "fit", status: str = "ok", model: Vector | None = None,
+        metrics: Params | None = None, received: Iterable[str] = (), late: Iterable[str] = (),
+        dropped: Iterable[str] = (), rejected: Iterable[str] = (), duration_s: float | None = None,
+        started: float | None = None,
+    ) -> None:
+        """End a round, the one way every round ends: with ``model``, adopt it as a new global version (stored
+        in the lineage with ``metrics``, announced by :class:`GlobalModel`), then publish the round's
+        :class:`RoundClose` naming the current version. The lists are published as given (a private run passes
+        them empty); the duration is ``duration_s``, else the time since ``started`` at the close, else 0."""
+        metrics = metrics if metrics is not None else {}
+        if model is not None:
+            self.model = model
+            self.state.version += 1
+            stored = {"round": round, "version": self.state.version, **metrics}
+            self.state.model_object = await self.states.save_model(self.state.version, model, stored)
+            self.state.model_sha256 = blobs.sha256_of(model)
+            await self.publish(GlobalModel(run_id=self.settings.run_id, version=self.state.version, round=round,
+                                           model=self.model_ref(), metrics=stored))
+        if duration_s is None:
+            duration_s = self.clock() - started if started is not None else 0.0
+        await self.publish(RoundClose(
+            run_id=self.settings.run_id, round=round, kind=kind, status=status, version=self.state.version,
+            received=list(received), late=list(late), dropped=list(dropped), rejected=list(rejected),
+            duration_s=duration_s, metrics=metrics,
+        ))
 
     # -- events ----------------------------------------------------------------------------------------------
-    async def _next(self, wake_at: float) -> Delivery[Any] | None:
+    async def next_delivery(self, wake_at: float) -> Delivery[Any] | None:
         """The next round-relevant delivery, or ``None`` when the caller should re-check its conditions: a
         membership event was handled here, a client may have timed out, or ``wake_at`` passed."""
         assert self._inbox is not None
@@ -281,15 +294,15 @@ class Aggregator:
                              type=delivery.envelope.type)
             return None
         match delivery.event:
-            case ClientJoin(client_id=cid, num_examples=n, public_key=key) if self._genuine(delivery, cid):
+            case ClientJoin(client_id=cid, num_examples=n, public_key=key) if self.genuine(delivery, cid):
                 self._learn_key(cid, key)
                 if self.registry.seen(cid, self.clock(), num_examples=n):
                     self.log.info("client joined", client=cid, examples=n)
-            case ClientHeartbeat(client_id=cid, busy=busy, public_key=key) if self._genuine(delivery, cid):
+            case ClientHeartbeat(client_id=cid, busy=busy, public_key=key) if self.genuine(delivery, cid):
                 self._learn_key(cid, key)
                 if self.registry.seen(cid, self.clock(), busy=busy):
                     self.log.info("client is back", client=cid)
-            case ClientLeave(client_id=cid, reason=reason) if self._genuine(delivery, cid):
+            case ClientLeave(client_id=cid, reason=reason) if self.genuine(delivery, cid):
                 self.registry.leave(cid)
                 self.log.info("client left", client=cid, reason=reason)
             case ClientJoin() | ClientHeartbeat() | ClientLeave():
@@ -307,7 +320,7 @@ class Aggregator:
             self.bus.keyring.trust(public_key)
             self.log.warning("trusting a client key on first use", client=client_id, kid=key_id(public_key))
 
-    def _genuine(self, delivery: Delivery[Any], client_id: str) -> bool:
+    def genuine(self, delivery: Delivery[Any], client_id: str) -> bool:
         """A client speaks only for itself: the envelope's source must be the client id it claims."""
         if delivery.source == client_id:
             return True
@@ -350,7 +363,8 @@ class Aggregator:
                 )
             )
 
-    async def _refuse(self, round: int, client_id: str, reason: str, detail: str = "") -> None:
+    async def refuse(self, round: int, client_id: str, reason: str, detail: str = "") -> None:
+        """Count a refused update; announce it unless the run is private."""
         self.refused += 1
         self.log.warning("update refused", round=round, client=client_id, reason=reason, detail=detail)
         if self.private:
@@ -361,7 +375,7 @@ class Aggregator:
             )
         )
 
-    async def _wait_for_clients(self, needed: int) -> list[str]:
+    async def wait_for_clients(self, needed: int) -> list[str]:
         """Wait until ``needed`` clients are alive. A freshly started aggregator also listens for one and a
         half heartbeat periods first, so that every running client is heard before the first sample is drawn
         (a restarted aggregator then re-draws exactly what the interrupted one drew)."""
@@ -376,7 +390,7 @@ class Aggregator:
                     received=len(alive),
                     needed=needed,
                 )
-            delivery = await self._next(min(deadline, max(self._listening_until, self.clock() + 0.05)))
+            delivery = await self.next_delivery(min(deadline, max(self._listening_until, self.clock() + 0.05)))
             if delivery is not None:
                 await self.stray(delivery)
         return alive
@@ -385,6 +399,6 @@ class Aggregator:
         """An update or report that belongs to no open round."""
         match delivery.event:
             case ModelUpdate(client_id=cid, round=r) | SecAggMasked(client_id=cid, round=r):
-                await self._refuse(r, cid, Verdict.LATE, "no fit round is open for it")
+                await self.refuse(r, cid, Verdict.LATE, "no fit round is open for it")
             case _:
                 pass

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedbus.bus.client import Delivery
 from fedbus.bus.events import Params
 
 from . import blobs
 from .errors import RoundError, UpdateRejected
-from .events import EvalReport, ModelUpdate, RoundClose, RoundStart
+from .events import EvalReport, ModelUpdate, RoundStart
+from .host import RoundHost
 from .registry import sample_clients
 from .round import EvalRound, FitRound, Verdict
 from .secure_round import SecureRound
 from .state import RoundProgress
 from .strategies import Update
-
-if TYPE_CHECKING:
-    from .server import Aggregator
 
 __all__ = ["SyncRounds"]
 
@@ -39,7 +37,7 @@ def _json(metrics: Params) -> bytes:
 class SyncRounds:
     """Runs the remaining rounds of a synchronous run."""
 
-    def __init__(self, agg: Aggregator) -> None:
+    def __init__(self, agg: RoundHost) -> None:
         self.agg = agg
 
     async def run(self) -> None:
@@ -58,19 +56,10 @@ class SyncRounds:
             agg.state.round = rnd + 1
             agg.state.progress = None
             await agg.states.store.put_bytes(f"{agg.states.model_name(agg.state.version)}.json", _json(metrics))
-            await agg._checkpoint(force=True)
-            await agg.publish(
-                RoundClose(
-                    run_id=s.run_id,
-                    round=rnd,
-                    kind="summary",
-                    status="ok",
-                    version=agg.state.version,
-                    metrics=metrics,
-                )
-            )
+            await agg.checkpoint(force=True)
+            await agg.finish_round(rnd, kind="summary", metrics=metrics)
         agg.state.finished = True
-        await agg._checkpoint(force=True)
+        await agg.checkpoint(force=True)
 
     async def _fit_round(self, rnd: int) -> Params:
         """Run fit round ``rnd`` (re-sampling on failure) until it succeeds; returns its metrics."""
@@ -81,7 +70,7 @@ class SyncRounds:
             if attempt >= s.max_attempts:
                 raise RoundError(f"failed {attempt} times", round=rnd, needed=s.min_clients)
             if agg.secure is not None:
-                alive = await agg._wait_for_clients(s.min_available)
+                alive = await agg.wait_for_clients(s.min_available)
                 sampled = agg.sample(alive, round=rnd, attempt=attempt)
                 outcome = await SecureRound(agg, rnd, attempt, sampled).run()
             else:
@@ -97,9 +86,9 @@ class SyncRounds:
         if resuming:
             assert progress is not None
             sampled = progress.sampled
-            await agg._wait_for_clients(min(s.min_available, len(set(sampled) - set(progress.received))))
+            await agg.wait_for_clients(min(s.min_available, len(set(sampled) - set(progress.received))))
         else:
-            alive = await agg._wait_for_clients(s.min_available)
+            alive = await agg.wait_for_clients(s.min_available)
             sampled = agg.sample(alive, round=rnd, attempt=attempt)
         started = agg.clock()
         fit = FitRound(
@@ -121,7 +110,7 @@ class SyncRounds:
             agg.state.progress = RoundProgress(
                 round=rnd, attempt=attempt, sampled=sampled, started_version=agg.state.version
             )
-            await agg._checkpoint(force=True)
+            await agg.checkpoint(force=True)
         rlog = agg.log.bind(round=rnd, attempt=attempt)
         config = {**agg.client_config, **agg.strategy.configure(rnd)}
         start = RoundStart(
@@ -129,7 +118,7 @@ class SyncRounds:
             round=rnd,
             kind="fit",
             version=agg.state.version,
-            model=agg._model_ref(),
+            model=agg.model_ref(),
             deadline_s=s.timeout_s,
             config=config,
             attempt=attempt,
@@ -137,7 +126,7 @@ class SyncRounds:
         await agg.announce(start, fit.pending)
         rlog.info("round started", sampled=len(sampled), pending=len(fit.pending), resumed=resuming)
         while not fit.closed(agg.clock()):
-            delivery = await agg._next(fit.deadline)
+            delivery = await agg.next_delivery(fit.deadline)
             for cid in fit.pending:
                 if not agg.registry.is_alive(cid, agg.clock()):
                     fit.drop(cid)
@@ -162,24 +151,19 @@ class SyncRounds:
                 dropped=len(fit.dropped),
             )
             agg.state.progress = None
-            await agg.publish(
-                RoundClose(
-                    run_id=s.run_id,
-                    round=rnd,
-                    kind="fit",
-                    status="failed",
-                    version=agg.state.version,
-                    received=list(fit.received),
-                    late=late,
-                    dropped=sorted(fit.dropped),
-                    rejected=sorted(fit.rejected),
-                    duration_s=duration,
-                )
+            await agg.finish_round(
+                rnd,
+                status="failed",
+                received=fit.received,
+                late=late,
+                dropped=sorted(fit.dropped),
+                rejected=sorted(fit.rejected),
+                duration_s=duration,
             )
             return None
         agg.state.progress.aggregate = fit.aggregate.state()  # type: ignore[union-attr]
         agg.state.progress.received = list(fit.received)  # type: ignore[union-attr]
-        await agg._checkpoint(force=True)  # the round's inputs are safe: their blobs may go
+        await agg.checkpoint(force=True)  # the round's inputs are safe: their blobs may go
         for name in fit.blobs:
             await agg.store.delete(name)
         new_model = agg.strategy.finish(agg.model, fit.aggregate)
@@ -192,22 +176,16 @@ class SyncRounds:
         }
         # A private run publishes neither the clients' own (un-noised) metrics nor who or how many took part.
         metrics: Params = {} if agg.private else {**fit.summary(), **counts}
-        await agg._new_version(new_model, metrics, round=rnd)
         public = not agg.private
-        await agg.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=rnd,
-                kind="fit",
-                status="ok",
-                version=agg.state.version,
-                received=list(fit.received) if public else [],
-                late=late if public else [],
-                dropped=sorted(fit.dropped) if public else [],
-                rejected=sorted(fit.rejected) if public else [],
-                duration_s=duration,
-                metrics=metrics,
-            )
+        await agg.finish_round(
+            rnd,
+            model=new_model,
+            metrics=metrics,
+            received=fit.received if public else [],
+            late=late if public else [],
+            dropped=sorted(fit.dropped) if public else [],
+            rejected=sorted(fit.rejected) if public else [],
+            duration_s=duration,
         )
         rlog.info("round closed", **counts, version=agg.state.version, seconds=round(duration, 4))
         return metrics
@@ -215,11 +193,11 @@ class SyncRounds:
     async def _on_update(self, fit: FitRound, event: ModelUpdate, delivery: Delivery[Any]) -> None:
         agg = self.agg
         cid = event.client_id
-        if not agg._genuine(delivery, cid):
+        if not agg.genuine(delivery, cid):
             return
         verdict = fit.check(cid, event.round, event.base_version)
         if verdict is not Verdict.ACCEPTED:
-            await agg._refuse(event.round, cid, verdict)
+            await agg.refuse(event.round, cid, verdict)
             return
         try:
             delta = await blobs.fetch(
@@ -232,7 +210,7 @@ class SyncRounds:
                 raise UpdateRejected("bad_examples", f"num_examples={event.num_examples}")
         except UpdateRejected as exc:
             fit.reject(cid, exc.reason)
-            await agg._refuse(event.round, cid, exc.reason, str(exc))
+            await agg.refuse(event.round, cid, exc.reason, str(exc))
             return
         fit.accept(Update(cid, delta, event.num_examples, metrics=event.metrics))
         if event.update.object is not None:
@@ -240,7 +218,7 @@ class SyncRounds:
         assert agg.state.progress is not None
         agg.state.progress.received = list(fit.received)
         agg.state.progress.aggregate = fit.aggregate.state()
-        await agg._checkpoint()
+        await agg.checkpoint()
 
     async def _eval_round(self, rnd: int) -> Params:
         agg, s = self.agg, self.agg.settings
@@ -255,36 +233,31 @@ class SyncRounds:
             round=rnd,
             kind="evaluate",
             version=agg.state.version,
-            model=agg._model_ref(),
+            model=agg.model_ref(),
             deadline_s=s.timeout_s,
             config=dict(agg.client_config),
         )
         await agg.announce(start, sampled)
         while not ev.closed(agg.clock()):
-            delivery = await agg._next(ev.deadline)
+            delivery = await agg.next_delivery(ev.deadline)
             for cid in sampled:
                 if not agg.registry.is_alive(cid, agg.clock()):
                     ev.drop(cid)
             if delivery is None:
                 continue
             match delivery.event:
-                case EvalReport() as r if agg._genuine(delivery, r.client_id):
+                case EvalReport() as r if agg.genuine(delivery, r.client_id):
                     ev.offer(r.client_id, r.round, r.version, r.num_examples, r.loss, r.metrics)
                 case _:
                     await agg.stray(delivery)
         metrics = ev.summary()
         public = not agg.private
-        await agg.publish(
-            RoundClose(
-                run_id=s.run_id,
-                round=rnd,
-                kind="evaluate",
-                status="ok",
-                version=agg.state.version,
-                received=sorted(ev.reports) if public else [],
-                dropped=sorted(ev.dropped) if public else [],
-                duration_s=agg.clock() - started,
-                metrics=metrics,
-            )
+        await agg.finish_round(
+            rnd,
+            kind="evaluate",
+            metrics=metrics,
+            received=sorted(ev.reports) if public else [],
+            dropped=sorted(ev.dropped) if public else [],
+            started=started,
         )
         return metrics
