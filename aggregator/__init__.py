@@ -7,8 +7,9 @@ The names below are imported on first use (PEP 562), so that ``import fedbus.agg
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedbus.bus.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .client import ClientFaults, EvalOutcome, FitOutcome, FlClient, LocalTrainer
@@ -50,14 +51,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(home, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, __all__)

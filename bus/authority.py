@@ -32,16 +32,18 @@ from typing import Any, Final
 import bcrypt
 import structlog
 
+from ._files import write_private
 from .broker import NatsServer
 from .catalogue_cli import load_events
 from .creds import Credentials, Identity
-from .errors import ConfigError, Conflict, NotFound
+from .errors import ConfigError, Conflict, FedbusError, NotFound
 from .events import Event
 from .permissions import grants_for, render_permissions
 from .pki import Pki
 from .roles import Role, validate_id
+from .stores import KeyValue
 
-__all__ = ["ADMIN_ID", "Authority", "IssuedCredential"]
+__all__ = ["ADMIN_ID", "Authority", "IssuedCredential", "provision_broker", "sync_identities"]
 
 log = structlog.get_logger("fedbus.authority")
 
@@ -62,8 +64,15 @@ class IssuedCredential:
     revoked_ns: int = 0
 
     @property
+    def state(self) -> str:
+        """``active``, ``revoked`` or ``expired``."""
+        if self.revoked_ns:
+            return "revoked"
+        return "expired" if self.expires_ns and time.time_ns() >= self.expires_ns else "active"
+
+    @property
     def active(self) -> bool:
-        return not self.revoked_ns and not (self.expires_ns and time.time_ns() >= self.expires_ns)
+        return self.state == "active"
 
     def identity(self) -> Identity:
         return Identity(id=self.id, role=self.role, public_key=self.public_key, expires_ns=self.expires_ns)
@@ -129,7 +138,7 @@ class Authority:
 
     def _write(self, entries: dict[str, IssuedCredential]) -> None:
         data = {"format": 1, "credentials": {i: e.to_json() for i, e in sorted(entries.items())}}
-        _write_private(self.registry_path, json.dumps(data, indent=1))
+        write_private(self.registry_path, json.dumps(data, indent=1))
 
     # -- set-up -------------------------------------------------------------------------------------------
     def init(self, *, host: str = "127.0.0.1", names: Iterable[str] = ()) -> bool:
@@ -145,7 +154,7 @@ class Authority:
         return first
 
     def set_servers(self, servers: dict[str, str]) -> None:
-        _write_private(self.servers_path, json.dumps(servers))
+        write_private(self.servers_path, json.dumps(servers))
 
     def record(self, server: NatsServer, *, advertise: str | None = None) -> None:
         """Remember where ``server`` listens: every creds file issued from now on names it (by the name
@@ -154,7 +163,7 @@ class Authority:
         if advertise:
             urls = {k: v.replace(f"://{server.client_host}:", f"://{advertise}:", 1) for k, v in urls.items()}
         self.set_servers(urls)
-        _write_private(self.dir / "monitor.url", server.monitor_url)
+        write_private(self.dir / "monitor.url", server.monitor_url)
 
     def servers(self) -> dict[str, str]:
         try:
@@ -243,7 +252,7 @@ class Authority:
         text = "authorization {\n  timeout: 5\n  users: [\n" + "".join(blocks) + "  ]\n}\n"
         if self.users_conf.exists() and self.users_conf.read_text() == text:
             return False
-        _write_private(self.users_conf, text)
+        write_private(self.users_conf, text)
         return True
 
     def reload_broker(self, *, timeout: float = 10.0) -> bool:
@@ -287,10 +296,28 @@ class Authority:
         return self.render(events) and self.reload_broker()
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+async def provision_broker(authority: Authority, url: str) -> None:
+    """As admin on the broker at ``url``: create every stream and bucket with its limits, and make the
+    identities bucket hold the active credentials' identities."""
+    from .connect import connect
+    from .creds import IDENTITIES_BUCKET
+    from .limits import provision
+    from .stores import open_stores
+
+    async with connect(url, source="fedbus-up", creds=authority.admin_creds(), persistent=False) as bus:
+        stores = await open_stores(bus)
+        await provision(stores)
+        await sync_identities(authority, await stores.key_value(IDENTITIES_BUCKET))
+
+
+async def sync_identities(authority: Authority, bucket: KeyValue) -> None:
+    """Make ``bucket`` (the identities bucket) hold exactly the active credentials' identities."""
+    active = {i.id: i for i in authority.identities()}
+    for ident, identity in active.items():
+        with contextlib.suppress(FedbusError):
+            if (await bucket.get(ident)).value == identity.encode():
+                continue
+        await bucket.put(ident, identity.encode())
+    for ident in await bucket.keys():
+        if ident not in active:
+            await bucket.delete(ident)

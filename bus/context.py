@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
+from ._files import write_private
 from .errors import ConfigError
 
 __all__ = ["CONTEXT_ENV", "Context", "context_path", "load_context", "save_context"]
@@ -68,11 +69,4 @@ def load_context(path: Path | None = None) -> Context | None:
 
 
 def save_context(context: Context, path: Path | None = None) -> Path:
-    path = path or context_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(asdict(context), out, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_private(path or context_path(), json.dumps(asdict(context), indent=1))

@@ -26,6 +26,7 @@ from typing import Any, Final
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ._files import write_private
 from .errors import ConfigError, NotFound
 from .roles import Id, Role, validate_id
 from .signing import AgentKey, key_id
@@ -126,14 +127,7 @@ class Credentials:
 
     def dump(self, path: Path) -> Path:
         """Write the creds file, readable by its owner only."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.to_json(), out, indent=1)
-        os.replace(tmp, path)
-        return path
+        return write_private(Path(path), json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "creds") -> Credentials:

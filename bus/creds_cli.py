@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .catalogue_cli import load_events
 from .console import EXIT_USAGE, err, fail, out
 from .context import context_path, load_context
 from .creds import load_creds
 from .errors import ConfigError, FedbusError
-from .events import CATALOGUE
 from .roles import ROLES, Role
 
 if TYPE_CHECKING:  # imported by the commands that use it: `fedbus --help` needs neither bcrypt nor x509
@@ -58,14 +56,13 @@ def _authority(data_dir: Path | None) -> Authority:
 
 def _apply(authority: Authority) -> str:
     """Push the registry to the running broker; says what happened."""
-    load_events()
-    reloaded = authority.apply(CATALOGUE)
+    from .authority import provision_broker
+
+    reloaded = authority.apply()
     servers = authority.servers()
     if servers.get("nats"):
-        from .up_cli import _provision
-
         with contextlib.suppress(FedbusError, OSError):
-            asyncio.run(_provision(authority, servers["nats"]))
+            asyncio.run(provision_broker(authority, servers["nats"]))
     return "the broker reloaded its users" if reloaded else "no broker running: takes effect when it starts"
 
 
@@ -110,11 +107,9 @@ def list_cmd(as_json: bool, data_dir: Path | None) -> None:
         entries = authority.credentials()
     except FedbusError as exc:
         fail(exc)
-    now = time.time_ns()
     rows = []
     for e in entries:
-        state = ("revoked" if e.revoked_ns else "expired" if e.expires_ns and e.expires_ns <= now else "active")
-        rows.append({"id": e.id, "role": str(e.role), "state": state, "kid": e.identity().kid,
+        rows.append({"id": e.id, "role": str(e.role), "state": e.state, "kid": e.identity().kid,
                      "issued": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.issued_ns / 1e9)),
                      "expires": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.expires_ns / 1e9))
                      if e.expires_ns else "never"})

@@ -18,14 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .authority import Authority
+from .authority import Authority, provision_broker, sync_identities
 from .broker import NatsServer
 from .connect import connect
 from .creds import IDENTITIES_BUCKET, Credentials
 from .errors import ConfigError
 from .roles import Role
 from .stores import open_stores
-from .up_cli import _provision, sync_identities
 
 __all__ = ["DemoBroker"]
 
@@ -68,7 +67,7 @@ class DemoBroker:
 
     async def provision(self) -> None:
         """Create every stream and bucket with its limits, as ``fedbus up`` does (only admin may)."""
-        await _provision(self.authority, self.url)
+        await provision_broker(self.authority, self.url)
 
     async def issue(self, *wanted: tuple[Role | str, str]) -> list[Credentials]:
         """A credential for each ``(role, id)``: the one issued earlier for that id, else a new one that the

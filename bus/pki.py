@@ -19,18 +19,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ._files import write_private
+
 __all__ = ["Pki", "server_names"]
 
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def server_names(host: str) -> list[str]:
@@ -107,7 +106,7 @@ class Pki:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(self.ca_key, key)
+        _write_key(self.ca_key, key)
         self.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _make_server(self, names: list[str]) -> None:
@@ -128,7 +127,7 @@ class Pki:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        _write_private(self.server_key, key)
+        _write_key(self.server_key, key)
         self.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _server_covers(self, names: list[str]) -> bool:

@@ -18,7 +18,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import click
 from rich.markup import escape
@@ -28,9 +28,6 @@ from .console import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE, configure_loggi
 from .context import Context, save_context
 from .errors import FedbusError
 from .events import CATALOGUE
-
-if TYPE_CHECKING:  # imported when the broker starts: `fedbus --help` needs neither bcrypt nor x509
-    from .authority import Authority
 
 __all__ = ["up"]
 
@@ -101,38 +98,6 @@ def _wait_for_stop(alive: Callable[[], bool], every: Callable[[], None]) -> bool
             signal.signal(s, handler)
 
 
-async def _provision(authority: Authority, url: str) -> None:
-    """As admin: create every stream and bucket with its limits, and publish the identities."""
-    from .connect import connect
-    from .creds import IDENTITIES_BUCKET
-    from .stores import open_stores
-
-    async with connect(url, source="fedbus-up", creds=authority.admin_creds(), persistent=False) as bus:
-        stores = await open_stores(bus)
-        with contextlib.suppress(ImportError):
-            from .limits import provision
-
-            await provision(stores)
-        await sync_identities(authority, await stores.key_value(IDENTITIES_BUCKET))
-
-
-async def sync_identities(authority: Authority, bucket: object) -> None:
-    """Make the identities bucket hold exactly the active credentials' identities."""
-    from .stores import KeyValue
-
-    assert isinstance(bucket, KeyValue)
-    active = {i.id: i for i in authority.identities()}
-    for ident, identity in active.items():
-        with contextlib.suppress(FedbusError):
-            current = await bucket.get(ident)
-            if current.value == identity.encode():
-                continue
-        await bucket.put(ident, identity.encode())
-    for ident in await bucket.keys():
-        if ident not in active:
-            await bucket.delete(ident)
-
-
 @click.command("up")
 @click.option("--nats-port", type=click.IntRange(0, 65535), default=4222, show_default=True,
               help="NATS client port; a free one is picked (and said) when it is taken. 0: any free port.")
@@ -170,7 +135,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
          advertise: str | None, insecure: bool, as_json: bool, say: object) -> None:
     from rich.console import Console
 
-    from .authority import Authority
+    from .authority import Authority, provision_broker
     from .broker import NatsCluster, NatsServer
 
     assert isinstance(say, Console)
@@ -195,7 +160,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
             if authority is not None:
                 assert isinstance(broker, NatsServer)
                 authority.record(broker, advertise=advertise)
-                asyncio.run(_provision(authority, broker.url))
+                asyncio.run(provision_broker(authority, broker.url))
         except BaseException:
             broker.close()
             raise
@@ -241,7 +206,7 @@ def _run(*, data_dir: Path, nats_port: int, mqtt_port: int | None, size: int, ho
         if authority is not None:
             with contextlib.suppress(FedbusError, OSError):
                 if authority.apply(CATALOGUE):
-                    asyncio.run(_provision(authority, broker.url))
+                    asyncio.run(provision_broker(authority, broker.url))
 
     try:
         stopped_by_user = _wait_for_stop(lambda: all(n.running for n in nodes), refresh)

@@ -29,7 +29,7 @@ import yaml
 from fedbus.aggregator.config import parse_config
 from fedbus.aggregator.events import ClientHeartbeat, ClientJoin, ModelRef, ModelUpdate
 from fedbus.aggregator.federation import SimulationOptions, identity_clients, open_object_store, simulate
-from fedbus.bus.authority import Authority
+from fedbus.bus.authority import Authority, provision_broker
 from fedbus.bus.broker import NatsServer
 from fedbus.bus.client import Bus, Security
 from fedbus.bus.connect import connect, transport_for
@@ -37,7 +37,6 @@ from fedbus.bus.context import Context, save_context
 from fedbus.bus.creds import Credentials
 from fedbus.bus.errors import FedbusError
 from fedbus.bus.permissions import inbox_prefix
-from fedbus.bus.up_cli import _provision
 
 FEDBUS = [sys.executable, "-m", "fedbus.bus.cli"]
 LOGREG_DIM = 64 * 10 + 10  # logistic regression on 8x8 digits
@@ -73,7 +72,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
                             ("fl-client", "silo-3"), ("gpu-agent", "gpu-1"), ("device", "phone-1")):
             s.creds[ident] = authority.issue(role, ident)
         authority.apply()
-        asyncio.run(_provision(authority, server.url))
+        asyncio.run(provision_broker(authority, server.url))
         yield s
 
 
