@@ -1,6 +1,6 @@
 """An object store in a local directory, for an aggregator without a broker-side store.
 
-It implements :class:`fedbus.bus.stores.ObjectStore` on top of :class:`~fedbus.bus.stores.ChunkedObjectStore`
+It implements :class:`fedbus.bus.stores.ObjectStore` on top of :class:`~fedbus.bus.chunked.ChunkedObjectStore`
 (which does the hashing and verification): each object is a file written to a temporary name and renamed
 once complete, with a JSON sidecar holding its size and sha256. A SIGKILL at any moment leaves either the
 old object or the new one, never a torn one, which is what a resumable aggregator needs of its state file.
@@ -17,8 +17,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from fedbus.bus.chunked import ChunkedObjectStore
 from fedbus.bus.errors import NotFound, StoreError
-from fedbus.bus.stores import ChunkedObjectStore, ObjectInfo, validate_bucket, validate_key
+from fedbus.bus.stores import ObjectInfo, validate_bucket, validate_key
 
 __all__ = ["FileObjectStore"]
 

@@ -26,11 +26,12 @@ from . import subjects
 from ._js_errors import mapped, translate
 from ._js_provision import NAME_IN_USE, create, lookup, object_stream_config
 from ._js_pull import Puller, ephemeral
+from .chunked import ChunkedObjectStore, _Digest
 from .codec import new_id
 from .errors import ConfigError, IntegrityError, NotFound, PublishTimeout
 from .limits import OBJECT_PREFIX as _PREFIX
 from .limits import object_stream, object_subjects
-from .stores import ChunkedObjectStore, ObjectInfo, _Digest, validate_bucket
+from .stores import ObjectInfo, validate_bucket
 
 if TYPE_CHECKING:
     from .jetstream import JetStream

@@ -22,20 +22,13 @@ from typing import Any
 
 from ._mem_events import MemoryEventLog, _Stream
 from ._store_base import StoresBase
+from .chunked import ChunkedObjectStore, _Digest
 from .client import Bus
 from .codec import new_id
 from .errors import ClosedError, Conflict, NotFound, StoreError
 from .limits import BucketLimits, LimitExceeded, ObjectLimits, StorageLimits
 from .memory import MemoryBroker
-from .stores import (
-    ChunkedObjectStore,
-    KvEntry,
-    ObjectInfo,
-    StreamStats,
-    _Digest,
-    validate_bucket,
-    validate_key,
-)
+from .stores import KvEntry, ObjectInfo, StreamStats, validate_bucket, validate_key
 from .transport import Frame
 
 __all__ = ["MemoryEventLog", "MemoryHub", "MemoryKV", "MemoryObjectStore", "MemoryStores"]
