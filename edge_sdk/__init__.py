@@ -4,7 +4,7 @@ It never imports ``fedbus.bus`` (nor msgspec, torch or structlog); ``cryptograph
 Envelopes are byte-identical to fedbus's typed codec, proven by the shared vectors in ``tests/vectors``.
 """
 
-from .client import SDK_VERSION, STATUS_TYPE, EdgeClient, EdgeSubscription, Received
+from .client import SDK_VERSION, STATUS_TYPE, EdgeClient
 from .creds import DeviceCreds
 from .envelope import FrameLimits, decode_data, make_envelope, new_id, pack, signing_bytes, unpack
 from .errors import (
@@ -23,6 +23,7 @@ from .errors import (
     TopicError,
 )
 from .link import LinkOptions, MqttLink, Will
+from .subscription import EdgeSubscription, Received
 from .telemetry import METRICS_TYPE, MetricsBatcher
 from .topics import event_filter, event_topic
 

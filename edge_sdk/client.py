@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import os
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from . import signing, topics
 from .creds import DeviceCreds
@@ -44,110 +43,15 @@ from .errors import (
     TopicError,
 )
 from .link import LinkOptions, MqttLink, Route, Will
+from .subscription import EdgeSubscription, PendingSubscription, Received
 from .telemetry import METRICS_TYPE, MetricsBatcher
 
-__all__ = ["SDK_VERSION", "STATUS_TYPE", "EdgeClient", "EdgeSubscription", "Received"]
+__all__ = ["SDK_VERSION", "STATUS_TYPE", "EdgeClient"]
 
 log = logging.getLogger("fedbus.edge")
 
 SDK_VERSION = "fedbus-edge/0.1.0"
 STATUS_TYPE = "edge.status"
-
-
-class _End(enum.Enum):
-    """The marker a subscription's queue ends with."""
-
-    END = enum.auto()
-
-
-_END = _End.END
-
-
-class Received(NamedTuple):
-    """One incoming event: ``(type, data, envelope)``; ``data`` is the payload's fields as a dict."""
-
-    type: str
-    data: dict[str, Any]
-    envelope: dict[str, Any]
-
-
-class EdgeSubscription:
-    """Events of one type on one topic filter, decoded and checked. ``async for type, data, env in sub``.
-
-    Bounded: a reader that falls ``max_pending`` frames behind loses the newest ones (counted in
-    :attr:`dropped`). Invalid frames are skipped and counted in :attr:`EdgeClient.rejected`.
-    """
-
-    def __init__(self, client: EdgeClient, event_type: str, topic_filter: str, *, version: int | None,
-                 max_pending: int) -> None:
-        self.event_type = event_type
-        self.topic_filter = topic_filter
-        self.version = version
-        self.dropped = 0
-        self._client = client
-        self._queue: asyncio.Queue[tuple[str, bytes] | _End] = asyncio.Queue(maxsize=max_pending)
-        self._route: Route | None = None
-        self._ended = False
-
-    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        if self._ended:
-            return
-        try:
-            self._queue.put_nowait((topic, payload))
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("slow subscriber: dropping frames",
-                            extra={"filter": self.topic_filter, "dropped": self.dropped})
-
-    def _end(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        while True:
-            try:
-                self._queue.put_nowait(_END)
-                return
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
-
-    async def next(self, timeout: float | None = None) -> Received:
-        """The next valid event; raises :class:`LinkClosed` once the subscription has ended."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            remaining = None if deadline is None else max(deadline - loop.time(), 1e-6)
-            item = await asyncio.wait_for(self._queue.get(), remaining)
-            if isinstance(item, _End):
-                self._queue.put_nowait(_END)
-                raise LinkClosed(f"subscription {self.topic_filter!r} has ended")
-            topic, payload = item
-            received = self._client._accept(topic, payload, self.event_type, self.version)
-            if received is not None:
-                return received
-
-    def __aiter__(self) -> AsyncIterator[Received]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Received]:
-        while True:
-            try:
-                yield await self.next()
-            except LinkClosed:
-                return
-
-    async def unsubscribe(self) -> None:
-        """Stop receiving; idempotent."""
-        route, self._route = self._route, None
-        if route is not None:
-            await self._client._link.remove_route(route)
-        self._end()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.unsubscribe()
 
 
 class EdgeClient:
@@ -263,7 +167,7 @@ class EdgeClient:
                 await self._link.publish(self._status_topic, self._status_frame(online=False), retain=True)
         await self._link.close()
         for sub in self._subs:
-            sub._end()
+            sub.end()
         self._subs.clear()
         for future in self._waiters.values():
             future.cancel()
@@ -353,19 +257,20 @@ class EdgeClient:
 
     # -- receiving --------------------------------------------------------------------------------------
     def subscribe(self, event_type: str, *, key: str | None = "*", version: int | None = None,
-                  max_pending: int = 256) -> _PendingSubscription:
+                  max_pending: int = 256) -> PendingSubscription:
         """Events of ``event_type``: ``key="*"`` any key, a value one key, ``None`` for unkeyed types.
 
         Use as ``async with edge.subscribe(...) as sub`` (or ``sub = await edge.subscribe(...)``).
         """
         topic_filter = topics.event_filter(event_type, key)
-        sub = EdgeSubscription(self, event_type, topic_filter, version=version, max_pending=max_pending)
-        return _PendingSubscription(self, sub)
+        sub = EdgeSubscription(event_type, topic_filter, version=version, max_pending=max_pending,
+                               accept=self._accept, remove_route=self._link.remove_route)
+        return PendingSubscription(self._open, sub)
 
     async def _open(self, sub: EdgeSubscription) -> EdgeSubscription:
         if self._closed:
             raise LinkClosed("edge client is closed")
-        sub._route = await self._link.add_route(sub.topic_filter, sub._on_message)
+        sub.attach(await self._link.add_route(sub.topic_filter, sub.on_message))
         self._subs.append(sub)
         return sub
 
@@ -439,20 +344,3 @@ class EdgeClient:
         received = self._accept(topic, payload, None, None)
         if future is not None and received is not None and not future.done():
             future.set_result(received)
-
-
-class _PendingSubscription:
-    """What :meth:`EdgeClient.subscribe` returns: await it, or use it as an async context manager."""
-
-    def __init__(self, client: EdgeClient, sub: EdgeSubscription) -> None:
-        self._client = client
-        self._sub = sub
-
-    def __await__(self) -> Any:
-        return self._client._open(self._sub).__await__()
-
-    async def __aenter__(self) -> EdgeSubscription:
-        return await self._client._open(self._sub)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._sub.unsubscribe()
